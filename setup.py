@@ -1,0 +1,34 @@
+"""Packaging of tf_q2e. The stack is pinned together; BUILD.md says why."""
+
+from setuptools import find_packages, setup
+
+# These five install and work together on Python 3.11 (see BUILD.md):
+# scann's TF ops are built against TensorFlow 2.20 exactly, TFRS 0.7.7 needs
+# Keras 2 (tf-keras), and tf-keras/tensorflow-serving-api follow TF's minor version.
+STACK = [
+    "tensorflow==2.20.*",
+    "tf-keras==2.20.*",
+    "tensorflow-recommenders==0.7.7",
+    "scann[tf]==1.4.2",
+    "tensorflow-serving-api==2.20.*",
+]
+
+setup(
+    name="tf_q2e",
+    version="0.1.0",
+    description="Que2Engage two-tower product search with TensorFlow Recommenders, ScaNN and TF Serving",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["tf_q2e", "tf_q2e.*"]),
+    install_requires=STACK + [
+        "numpy>=1.26",
+        "pyarrow>=14",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "gpu": ["tensorflow[and-cuda]==2.20.*"],
+    },
+    entry_points={"console_scripts": ["q2e=tf_q2e.cli:main"]},
+)
