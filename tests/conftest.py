@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny canonical data sets that the tests write themselves."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tf_q2e  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+import pyarrow as pa  # noqa: E402
+import pytest  # noqa: E402
+
+from tf_q2e.data.formats import write_table  # noqa: E402
+
+IMAGE_DIM = 3
+
+
+def product(i: int) -> dict:
+    return {
+        "product_id": f"P{i}",
+        "product_title": f"product number {i}",
+        "product_description": f"description of {i}",
+        "product_category": ["sofa", "bike", "lamp"][i % 3],
+        "product_image_embedding": [float(i), 0.5, -1.0],
+    }
+
+
+def impression(query: str, i: int, engaged: int = 1, country: str = "US", relevance: float | None = 2.0) -> dict:
+    return {"query": query, "query_country": country, **product(i), "engaged": engaged, "relevance": relevance}
+
+
+def good_impressions(n: int = 8) -> list[dict]:
+    return [impression(f"query {k % 4}", k % 2, engaged=[1, 0, -1][k % 3]) for k in range(n)]
+
+
+def write_rows(rows: list[dict], path: str) -> str:
+    write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_dataset(directory, impressions: list[dict], suffix: str = ".parquet", catalog: list[dict] | None = None) -> str:
+    """A data set directory with catalog + train (+ the given impressions as train)."""
+    os.makedirs(directory, exist_ok=True)
+    catalog = catalog if catalog is not None else [product(i) for i in range(5)]
+    write_rows(catalog, os.path.join(directory, "catalog" + suffix))
+    write_rows(impressions, os.path.join(directory, "train" + suffix))
+    return str(directory)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    return write_dataset(tmp_path / "data", good_impressions())
