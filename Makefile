@@ -6,7 +6,7 @@ RUN_DIR ?= runs/main
 SYNTH_PRODUCTS ?= 20000
 SYNTH_IMPRESSIONS ?= 200000
 
-.PHONY: test install install-test clean
+.PHONY: run test install install-test clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(VENV)/.installed-test: setup.py | $(VENV)/bin/activate
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# The main job on the built-in synthetic marketplace. It grows with the package:
+# for now it writes the data set and validates it.
+run: install
+	$(VENV)/bin/q2e synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
+	$(VENV)/bin/q2e validate --config configs/default.yaml --data $(RUN_DIR)/data
 
 test: install-test
 	$(PY) -m pytest -q tests

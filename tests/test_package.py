@@ -32,6 +32,6 @@ def test_environment_variable_set_against_keras_2_fails():
 
 
 def test_importing_the_package_does_not_import_tensorflow():
-    result = _python("import sys, tf_q2e, tf_q2e.config; print('tensorflow' in sys.modules)")
+    result = _python("import sys, tf_q2e, tf_q2e.cli, tf_q2e.data.validate; print('tensorflow' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -1,0 +1,142 @@
+"""`q2e <verb>`: the command line.
+
+Exit codes: 0 success, 2 bad usage, config or input (one clear line on stderr),
+1 any other failure.
+
+Verbs so far: `synth`, `prepare`, `validate`. The model verbs (`train`,
+`evaluate`, `index`, `export`, `serve`, `query`) arrive with their modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import tf_q2e
+from tf_q2e.errors import InputError
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from tf_q2e.data import synth
+
+    start = time.perf_counter()
+    manifest = synth.generate(
+        args.out,
+        products=args.products,
+        impressions=args.impressions,
+        seed=args.seed,
+        image_dim=args.image_dim,
+        ground_truth_queries=args.ground_truth_queries,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    _print_counts(args.out, manifest, time.perf_counter() - start)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from tf_q2e.data import adapters
+
+    start = time.perf_counter()
+    manifest = adapters.prepare(args.dataset, args.input, args.out)
+    _print_counts(args.out, manifest, time.perf_counter() - start)
+    return 0
+
+
+def _print_counts(out: str, manifest: dict, seconds: float) -> None:
+    counts = manifest.get("counts", {})
+    print(f"wrote {out} in {seconds:.1f} s: catalog {counts.get('catalog', 0)} products")
+    for split in ("train", "validation", "test"):
+        c = counts.get(split)
+        if c:
+            print(
+                f"  {split}: {c['rows']} impressions (engaged {c['engaged']}, not engaged {c['not_engaged']}, "
+                f"unlabelled {c['unlabelled']})"
+            )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from tf_q2e.config import load_config
+    from tf_q2e.data.validate import validate_dataset
+
+    cfg = load_config(args.config, args.set)
+    print(f"config {args.config or '(defaults)'}: ok")
+    data_dir = args.data or cfg.data.dir
+    if data_dir is None:
+        print("no data set given (--data DIR or data.dir): checked the config only")
+        return 0
+    quarantine_dir = cfg.data.quarantine_dir or os.path.join(data_dir, "quarantine")
+    report = validate_dataset(data_dir, cfg.data.on_bad_rows, cfg.data.image_dim, quarantine_dir)
+    print(report.format_text())
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if cfg.data.on_bad_rows == "skip":
+        print(f"{report.rows_dropped} row(s) skipped")
+        return 0
+    if report.problem_count:
+        first = next(p for f in report.files for p in f.problems)
+        print(
+            f"q2e: error: {report.problem_count} bad row(s), first: {first}. "
+            "Fix them, or set data.on_bad_rows=skip to quarantine them",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="q2e", description="Que2Engage product search: data, training, serving.")
+    parser.add_argument("--version", action="version", version=f"tf_q2e {tf_q2e.__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("synth", help="write a synthetic marketplace data set")
+    p.add_argument("--products", type=int, required=True, help="catalogue size")
+    p.add_argument("--impressions", type=int, required=True, help="impression log rows over all splits")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--image-dim", type=int, default=16, help="length of the image-like embedding, 0 for none (default 16)")
+    p.add_argument("--ground-truth-queries", type=int, default=1000, help="test queries with ground truth in the manifest")
+    p.add_argument("--out", required=True, help="output data set directory")
+    p.set_defaults(run=_synth)
+
+    from tf_q2e.data.adapters import DATASETS
+
+    p = verbs.add_parser("prepare", help="convert a public data set into the canonical files")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--input", required=True, help="the data set's file or directory, as published")
+    p.add_argument("--out", required=True, help="output data set directory")
+    p.set_defaults(run=_prepare)
+
+    p = verbs.add_parser("validate", help="check a config and a data set")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--data", help="data set directory (overrides data.dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
+    p.add_argument("--report", help="also write the report as JSON to this file")
+    p.set_defaults(run=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    try:
+        return args.run(args)
+    except InputError as e:
+        print(f"q2e: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("q2e: interrupted", file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - the last resort of a command line
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
