@@ -46,7 +46,7 @@ def test_config_is_frozen():
     [
         ("train.global_batch_sise=3", "unknown config key train.global_batch_sise; did you mean train.global_batch_size?"),
         ("trian.seed=1", "unknown config key trian; did you mean train?"),
-        ("zzz=1", "unknown config key zzz; known fields: data, train"),
+        ("zzz=1", "unknown config key zzz; known fields: data, features, model, train"),
         ("train.global_batch_size=big", "train.global_batch_size ('big') must be a whole number"),
         ("train.global_batch_size=true", "train.global_batch_size (True) must be a whole number"),
         ("train.global_batch_size=0", "train.global_batch_size (0) must be at least 1"),

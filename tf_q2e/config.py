@@ -3,7 +3,9 @@
 A config file is YAML whose sections match the dataclasses below. Keys are
 strict: an unknown key fails with the closest known key as a suggestion.
 `--set a.b=value` overrides a field; the value is parsed as YAML
-(`--set train.global_batch_size=1024`, `--set data.dir=null`). Every value is
+(`--set train.global_batch_size=1024`, `--set data.dir=null`). A mapping
+field updates its default mapping (`--set model.modality_dropout.title=0.2`
+keeps the other modalities' defaults). Every value is
 checked and a bad one fails with the dotted field, the value and the fix. The
 resolved config (defaults filled in, overrides applied) is what a run records
 (`Config.to_yaml()`).
@@ -48,23 +50,126 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """In-graph text featurization (Que2Search's hashed n-gram embedding bags).
+
+    Attributes:
+      buckets: rows of each hashed n-gram table (char trigrams, word unigrams
+        and word bigrams share one table per text field group).
+      char_trigrams: hash character trigrams of each word, with `#` marking
+        the word's start and end (`#re`, `red`, `ed#`).
+      word_unigrams: hash words.
+      word_bigrams: hash pairs of adjacent words.
+      max_words: words kept per text (longer descriptions are cut).
+      context_buckets: hashed buckets of each query context value.
+      category_buckets: hashed buckets of product categories.
+    """
+
+    buckets: int = 2**18
+    char_trigrams: bool = True
+    word_unigrams: bool = True
+    word_bigrams: bool = True
+    max_words: int = 64
+    context_buckets: int = 1024
+    category_buckets: int = 4096
+
+
+MODALITIES = ("query_text", "query_context", "title", "description", "category", "image")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The two towers and the two tasks.
+
+    Attributes:
+      embedding_dim: D, the length of the L2-normalised query/product vectors.
+      text_embedding_dim: width of the hashed n-gram tables.
+      hidden_dim: hidden width of each modality's MLP.
+      fusion: `attention` (Que2Search: a = softmax([φ_1‖…‖φ_N] W), f = Σ a_i φ_i)
+        or `concat` (concatenate, then an MLP).
+      share_text_tables: query and product towers share their n-gram table.
+      modality_dropout: probability, per modality, of zeroing the whole
+        modality vector of a row in training (Que2Engage); modalities:
+        query_text, query_context, title, description, category, image.
+      scale: s in s·cos(q, d) of both tasks (temperature 1/s; Que2Search: 20).
+      engagement_weight: λ in L = L_ctr + λ·L_bce; 0 is the contrastive-only
+        (Que2Search) baseline.
+      engagement_bias: `none` is the paper's σ(s·cos); `learned` adds a learned
+        offset, σ(s·cos + b), so hard negatives need not have cos < 0.
+      remove_accidental_hits: mask in-batch negatives that are the positive's product.
+      cross_replica_negatives: gather product vectors from all replicas so each
+        query sees the whole global batch as negatives.
+      logq_correction: subtract log of each product's training frequency from its
+        logits (sampling-bias correction of in-batch negatives).
+    """
+
+    embedding_dim: int = 64
+    text_embedding_dim: int = 64
+    hidden_dim: int = 128
+    fusion: Literal["attention", "concat"] = "attention"
+    share_text_tables: bool = False
+    modality_dropout: dict[str, float] = field(
+        default_factory=lambda: {"query_context": 0.1, "description": 0.1, "category": 0.1, "image": 0.1}
+    )
+    scale: float = 20.0
+    engagement_weight: float = 1.0
+    engagement_bias: Literal["none", "learned"] = "none"
+    remove_accidental_hits: bool = True
+    cross_replica_negatives: bool = True
+    logq_correction: bool = False
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Batching of the training input (the model issue adds the optimizer & co.).
+    """How `q2e train` runs `model.fit`.
 
     Attributes:
       global_batch_size: rows per step summed over all replicas (Que2Search: 768).
       shuffle_buffer: rows held in the shuffle buffer; 0 turns shuffling off.
-      seed: seed of the shuffle order (and, later, of initialisation).
+      seed: seed of the shuffle order and of initialisation.
+      epochs: passes over the training split.
+      steps_per_epoch: cap on steps per epoch; null = the whole split.
+      validation_steps: cap on validation steps; null = the whole split.
+      optimizer: `adam` (Que2Search; embedding tables get sparse, lazy updates)
+        or `adagrad`.
+      learning_rate: Que2Search used 7e-4 with Adam.
+      strategy: `default` (one device), `mirrored` (all GPUs, or
+        `num_devices` logical CPUs when there is no GPU), `multi_worker`
+        (MultiWorkerMirroredStrategy from TF_CONFIG).
+      num_devices: mirrored only: how many devices; null = all GPUs.
+      mixed_precision: `none`, `bf16` or `fp16` (scores and losses stay float32).
+      jit_compile: XLA-compile the train step (GPU).
+      steps_per_execution: train steps per call of the compiled function
+        (fewer round trips through Python; callbacks see every N-th step).
+      featurize_in_pipeline: hash text in the `tf.data` pipeline instead of in
+        the train step. On a GPU this keeps string ops off the step; on a
+        2-core CPU it is slower (the pipeline and the step fight for the cores).
+      early_stopping_patience: epochs without a better validation engagement
+        AUC before stopping; 0 = never stop early.
     """
 
     global_batch_size: int = 768
     shuffle_buffer: int = 100_000
     seed: int = 0
+    epochs: int = 3
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    learning_rate: float = 7e-4
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    num_devices: int | None = None
+    mixed_precision: Literal["none", "bf16", "fp16"] = "none"
+    jit_compile: bool = False
+    steps_per_execution: int = 10
+    featurize_in_pipeline: bool = False
+    early_stopping_patience: int = 2
 
 
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -83,6 +188,35 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.shuffle_buffer ({t.shuffle_buffer}) must be 0 (no shuffling) or more")
     if cfg.data.image_dim is not None and cfg.data.image_dim < 0:
         raise ConfigError(f"data.image_dim ({cfg.data.image_dim}) must be null (as in the data), 0 (none) or positive")
+    for name in ("epochs", "steps_per_epoch", "validation_steps", "num_devices", "steps_per_execution"):
+        value = getattr(t, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"train.{name} ({value}) must be at least 1" + ("" if name in ("epochs", "steps_per_execution") else " or null"))
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate ({t.learning_rate}) must be positive")
+    if t.early_stopping_patience < 0:
+        raise ConfigError(f"train.early_stopping_patience ({t.early_stopping_patience}) must be 0 (off) or more")
+    f = cfg.features
+    for name in ("buckets", "max_words", "context_buckets", "category_buckets"):
+        if getattr(f, name) < 1:
+            raise ConfigError(f"features.{name} ({getattr(f, name)}) must be at least 1")
+    if not (f.char_trigrams or f.word_unigrams or f.word_bigrams):
+        raise ConfigError("features: char_trigrams, word_unigrams and word_bigrams are all false; enable at least one")
+    m = cfg.model
+    for name in ("embedding_dim", "text_embedding_dim", "hidden_dim"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} ({getattr(m, name)}) must be at least 1")
+    if m.scale <= 0:
+        raise ConfigError(f"model.scale ({m.scale}) must be positive (Que2Search uses 20)")
+    if m.engagement_weight < 0:
+        raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be 0 (contrastive only) or more")
+    for name, p in m.modality_dropout.items():
+        if name not in MODALITIES:
+            close = difflib.get_close_matches(name, MODALITIES, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"modalities: {', '.join(MODALITIES)}"
+            raise ConfigError(f"model.modality_dropout has an unknown modality {name!r}; {hint}")
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"model.modality_dropout.{name} ({p}) must be in [0, 1)")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -139,9 +273,12 @@ def _build(cls, raw: Any, prefix: str):
             hint = f"; did you mean {_join(prefix, close[0])}?" if close else f"; known fields: {', '.join(names)}"
             raise ConfigError(f"unknown config key {_join(prefix, str(key))}{hint}")
     values = {}
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
     for name in names:
         if name in raw:
             values[name] = _convert(hints[name], raw[name], _join(prefix, name))
+            if isinstance(values[name], dict) and isinstance(defaults.get(name), dict):
+                values[name] = {**defaults[name], **values[name]}  # a mapping updates its default
         elif dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], {}, _join(prefix, name))
     return cls(**values)
@@ -161,6 +298,10 @@ def _convert(hint, value, dotted: str):
         if value not in args:
             raise ConfigError(f"{dotted} ({value!r}) must be one of {', '.join(map(str, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} ({value!r}) must be a mapping")
+        return {str(k): _convert(args[1], v, f"{dotted}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{dotted} ({value!r}) must be a list")

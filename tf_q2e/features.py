@@ -1,0 +1,572 @@
+"""In-graph text featurization with stock TensorFlow ops (Que2Search's hashed n-grams).
+
+A text is normalised (`normalize`), cut into words, and turned into n-gram
+tokens (`tokens`): character trigrams of each word with `#` marking the word's
+start and end, words, and pairs of adjacent words. Each kind carries its own
+prefix, so kinds never collide: `"3:#re"`, `"1:red"`, `"2:red sofa"`.
+`TextHasher` hashes the tokens into `[0, buckets)` with
+`tf.strings.to_hash_bucket_fast` (FarmHash Fingerprint64: the same ids in
+every process, on every machine), ready for an embedding bag.
+
+Everything runs in the graph with core TensorFlow ops only (`tf.strings`,
+`tf.ragged`, `tf.gather`, arithmetic): no `tensorflow_text`, no
+`tf.py_function`, no NumPy at call time. A SavedModel holding these functions
+takes raw strings and runs on stock TensorFlow Serving, so training and
+serving featurize text identically.
+
+Two implementations of the same tokens: `tokens` is the plain one (strings all
+the way: split, `ngrams`); `TextHasher` is the fast one used in training and
+serving. It never builds most trigram strings: on a grid of code points it
+looks the ids of trigrams of `[a-z0-9#]` up in a table of their precomputed
+hashes and builds strings only for words and for trigrams of other
+characters. The tests check that its ids equal
+`to_hash_bucket_fast(tokens(text), buckets)`.
+
+Example:
+    >>> tokens(tf.constant(["Red sofa"])).to_list()
+    [[b'3:#re', b'3:red', b'3:ed#', b'3:#so', b'3:sof', b'3:ofa', b'3:fa#',
+      b'1:red', b'1:sofa', b'2:red sofa']]
+    >>> TextHasher(buckets=2**18)(tf.constant(["Red sofa", ""]))  # int64 [2, None]; row 1 empty
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+
+import numpy as np
+import tensorflow as tf  # tf_q2e/__init__ has selected Keras 2 already
+
+TRIGRAM_PREFIX = "3:"
+UNIGRAM_PREFIX = "1:"
+BIGRAM_PREFIX = "2:"
+CHARS_PER_WORD = 12  # default max_chars = CHARS_PER_WORD * max_words
+
+_SPACE = 0x20
+_MARK = 0x23  # '#': word start/end in char trigrams; never in a normalised word
+_IDENTITY = -1  # fold-table value: the code point stays as it is
+_DELETE = -2  # fold-table value: the code point is removed
+_PAGE_BITS = 8
+_PAGE = 1 << _PAGE_BITS
+_MAX_CODE_POINT = 0x10FFFF
+
+# Blocks whose characters become the base character of their NFKD decomposition.
+_FOLDED_BLOCKS = (
+    (0x0000, 0x036F),  # Basic Latin .. Latin Extended-B, IPA, Spacing Modifier Letters, Combining Marks
+    (0x0370, 0x03FF),  # Greek and Coptic
+    (0x1E00, 0x1EFF),  # Latin Extended Additional (Vietnamese...)
+    (0x1F00, 0x1FFF),  # Greek Extended
+    (0x2070, 0x209F),  # Superscripts and Subscripts
+    (0x2100, 0x214F),  # Letterlike Symbols (K Kelvin sign -> k, Å Angstrom sign -> a, ℓ -> l)
+    (0xFF01, 0xFF5E),  # full-width ASCII
+    (0x1D400, 0x1D7FF),  # Mathematical Alphanumeric Symbols ("𝐒𝐨𝐟𝐚" -> "sofa")
+)
+# Code points removed rather than turned into a space (with all format characters, Cf).
+_DELETED_BLOCKS = (
+    (0x0300, 0x036F),  # Combining Diacritical Marks
+    (0x1AB0, 0x1AFF),  # Combining Diacritical Marks Extended
+    (0x1DC0, 0x1DFF),  # Combining Diacritical Marks Supplement
+    (0x20D0, 0x20FF),  # Combining Diacritical Marks for Symbols
+    (0xFE00, 0xFE0F),  # Variation Selectors
+    (0xFE20, 0xFE2F),  # Combining Half Marks
+    (0xE0100, 0xE01EF),  # Variation Selectors Supplement
+)
+_ZERO_WIDTH_SPACE = 0x200B  # a word break in Thai, Khmer...: becomes a space
+
+# Trigram symbols: 0 = '#' (word edge), 1..36 = [0-9a-z], 37 = any other word character.
+_ALPHABET = "#0123456789abcdefghijklmnopqrstuvwxyz"
+_OTHER = len(_ALPHABET)
+_BASE = _OTHER + 1
+
+
+# --------------------------------------------------------------------------- tables (Python, built once)
+
+
+def _in(blocks, cp: int) -> bool:
+    return any(lo <= cp <= hi for lo, hi in blocks)
+
+
+def _fold_char(c: str) -> str:
+    """One step of the per-character fold: '' (remove), ' ' (separator) or one character."""
+    cp = ord(c)
+    if cp == _ZERO_WIDTH_SPACE:
+        return " "
+    category = unicodedata.category(c)
+    if category == "Cn":
+        return c  # unassigned in this Unicode version: as it is
+    if category == "Cf" or _in(_DELETED_BLOCKS, cp):
+        return ""
+    if _in(_FOLDED_BLOCKS, cp):
+        base = "".join(x for x in unicodedata.normalize("NFKD", c) if unicodedata.category(x) != "Mn")
+        if len(base) == 1:  # multi-character expansions (ligatures, "¼", "ǆ"...) keep the character
+            c, category = base, unicodedata.category(base)
+    if category[0] in "PSZ" or category in ("Cc", "Co", "Cs"):
+        return " "
+    for folded in (c.casefold(), c.lower()):
+        if len(folded) == 1:
+            return folded
+    return c
+
+
+@functools.lru_cache(maxsize=1)
+def fold_table() -> tuple[np.ndarray, np.ndarray]:
+    """The per-code-point fold of `normalize` as a two-level table `(page_index, values)`.
+
+    For a code point `cp`, `v = values[page_index[cp >> 8] * 256 + (cp & 255)]`:
+    `v >= 0` is the replacement code point, `-1` keeps `cp`, `-2` removes it.
+    Identical pages are stored once (all of Unicode takes ~115 pages, ~115 KiB).
+    The table is the fixed point of the per-character fold, so folding twice
+    equals folding once. Built once per process (~0.2 s) from Python's
+    `unicodedata` (Unicode `unicodedata.unidata_version`).
+    """
+    n_pages = (_MAX_CODE_POINT >> _PAGE_BITS) + 1
+    page_ids: dict[bytes, int] = {}
+    pages: list[np.ndarray] = []
+    page_index = np.zeros(n_pages, np.int32)
+    for p in range(n_pages):
+        page = np.full(_PAGE, _IDENTITY, np.int32)
+        first = p << _PAGE_BITS
+        categories = [unicodedata.category(chr(cp)) for cp in range(first, first + _PAGE)]
+        kinds = set(categories)
+        if kinds <= {"Cn", "Lo"} and not any(lo < first + _PAGE and first <= hi for lo, hi in _FOLDED_BLOCKS):
+            kinds = set()  # unassigned or caseless letters only (CJK, Hangul, Thai...): nothing to fold
+        elif kinds == {"Co"}:
+            page[:] = _SPACE  # private use
+            kinds = set()
+        for i in range(_PAGE if kinds else 0):
+            cp = first | i
+            c = chr(cp)
+            if categories[i] in ("Cn", "Lo") and not _in(_FOLDED_BLOCKS, cp):
+                continue
+            out = _fold_char(c)
+            for _ in range(8):  # to the fixed point (one or two steps in practice)
+                if len(out) != 1 or _fold_char(out) == out:
+                    break
+                out = _fold_char(out)
+            if out == "":
+                page[i] = _DELETE
+            elif out != c:
+                page[i] = ord(out)
+        key = page.tobytes()
+        if key not in page_ids:
+            page_ids[key] = len(pages)
+            pages.append(page)
+        page_index[p] = page_ids[key]
+    return page_index, np.concatenate(pages)
+
+
+@functools.lru_cache(maxsize=1)
+def _symbol_table() -> np.ndarray:
+    """[256] int32: folded code point (255: any non-ASCII) -> trigram symbol (0 '#', 1..36, 37 other)."""
+    page_index, values = fold_table()
+    table = np.full(256, _OTHER, np.int32)
+    for cp in range(128):
+        v = values[page_index[0] * _PAGE + cp]
+        folded = chr(cp if v == _IDENTITY else v) if v != _DELETE else " "
+        table[cp] = _ALPHABET.index(folded) if folded in _ALPHABET[1:] else 0
+    return table
+
+
+@functools.lru_cache(maxsize=8)
+def _trigram_id_table(buckets: int) -> np.ndarray:
+    """[38**3] int32: trigram code (l*38 + m)*38 + r -> to_hash_bucket_fast("3:" + chars), or -1.
+
+    Only trigrams of `[0-9a-z]` with '#' at the edges have an id here; the others
+    (a character outside the alphabet, symbol 37) are -1 and hashed as strings.
+    """
+    codes, texts = [], []
+    for l_ in range(_OTHER):
+        for m in range(1, _OTHER):
+            for r in range(_OTHER):
+                codes.append((l_ * _BASE + m) * _BASE + r)
+                texts.append(TRIGRAM_PREFIX + _ALPHABET[l_] + _ALPHABET[m] + _ALPHABET[r])
+    with tf.init_scope():  # eager, even when the layer is built inside a graph
+        ids = tf.strings.to_hash_bucket_fast(tf.constant(texts), buckets).numpy()
+    table = np.full(_BASE**3, -1, np.int32)  # 214 KiB; ids < buckets <= 2**31 - 1
+    table[np.asarray(codes)] = ids
+    return table
+
+
+# --------------------------------------------------------------------------- normalize
+
+
+def _string_tensor(text, what: str) -> tf.Tensor:
+    text = tf.convert_to_tensor(text)
+    if text.dtype != tf.string:
+        raise TypeError(f"{what} must be a tf.string tensor, got {text.dtype.name}; pass the raw text")
+    return text
+
+
+def _batch(text, what: str) -> tf.Tensor:
+    """[B] or [B, 1] strings -> [B] strings."""
+    text = _string_tensor(text, what)
+    if text.shape.rank is None:
+        return tf.reshape(text, [-1])
+    if text.shape.rank == 2 and text.shape[1] == 1:
+        return tf.squeeze(text, axis=1)
+    if text.shape.rank != 1:
+        raise ValueError(f"{what} must have shape [B] or [B, 1], got {text.shape}; reshape it to [B]")
+    return text
+
+
+def _fold(code_points: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """[N] int32 code points -> ([N] folded code points, [N] bool: kept), through `fold_table`."""
+    page_index, values = fold_table()
+    cp = tf.minimum(code_points, _MAX_CODE_POINT)  # decoded code points are valid; a guard for the gathers
+    page = tf.gather(tf.constant(page_index), tf.bitwise.right_shift(cp, _PAGE_BITS))
+    value = tf.gather(tf.constant(values), page * _PAGE + tf.bitwise.bitwise_and(cp, _PAGE - 1))
+    return tf.where(tf.equal(value, _IDENTITY), cp, value), tf.not_equal(value, _DELETE)
+
+
+def _folded_code_points(text: tf.Tensor) -> tf.RaggedTensor:
+    """[B] strings -> int32 [B, None]: folded code points; separators are spaces, not yet collapsed."""
+    decoded = tf.strings.unicode_decode(tf.reshape(text, [-1]), "UTF-8", errors="replace")  # [B, None]
+    cp, kept = _fold(decoded.flat_values)  # [N], [N]
+
+    def remove():  # marks and format characters are rare: only then pay for the mask
+        removed = tf.ragged.boolean_mask(decoded.with_flat_values(cp), decoded.with_flat_values(kept))
+        return removed.flat_values, removed.row_splits
+
+    values, row_splits = tf.cond(tf.reduce_all(kept), lambda: (cp, decoded.row_splits), remove)
+    return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False)
+
+
+def normalize(text) -> tf.Tensor:
+    """Normalises text for matching: tf.string of any shape -> tf.string of the same shape.
+
+    What it does, character by character (UTF-8 in, UTF-8 out):
+
+    1. Bytes that are not valid UTF-8 become U+FFFD, then a space (step 4).
+    2. Accents and compatibility forms are removed from Latin, Greek and
+       full-width text: in the blocks Basic Latin to Latin Extended-B, IPA
+       Extensions, Spacing Modifier Letters, Greek and Coptic, Latin Extended
+       Additional, Greek Extended and full-width ASCII (U+FF01-U+FF5E), a
+       character becomes the base character of its NFKD decomposition without
+       combining marks: "Café Crème" -> "cafe creme", "ＡＢＣ" -> "abc",
+       "ǖ" -> "u", "ά" -> "α", "²" -> "2", U+00A0 (no-break space) -> space.
+       So do Superscripts and Subscripts ("₂" -> "2"), Letterlike Symbols
+       ("ℓ" -> "l") and Mathematical Alphanumeric Symbols ("𝐒𝐨𝐟𝐚" -> "sofa").
+       Only one-to-one mappings are applied: a character whose decomposition
+       has several base characters is kept as it is (ligatures "ﬁ", "ĳ", "ǆ";
+       fractions "¼").
+    3. Combining diacritical marks (U+0300-U+036F and the Extended, Supplement,
+       for-Symbols and Half-Marks blocks), variation selectors and format
+       characters (category Cf: soft hyphen, zero-width joiner and non-joiner,
+       bidi marks, byte order mark...) are removed, so decomposed text
+       ("e" + U+0301) gives what precomposed text gives. U+200B (zero-width
+       space, a word break in Thai and Khmer) becomes a space.
+    4. Punctuation, symbols, separators, control and private-use characters
+       (Unicode categories P*, S*, Z*, Cc, Co) become spaces: "men's t-shirt,
+       2.5m" -> "men s t shirt 2 5m", "c++" -> "c", emoji -> space.
+    5. Every character is case-folded when its case fold is one character
+       (`str.casefold`, else `str.lower`): "SOFA" -> "sofa", "Straße" ->
+       "straße" (not "strasse"), "ΣΟΦΆΣ" -> "σοφασ" (ς folds to σ).
+    6. Runs of spaces become one space; leading and trailing spaces go.
+
+    Letters, digits and marks of all other scripts are kept (CJK, Hangul,
+    kana, Arabic, Hebrew, Devanagari, Thai, Cyrillic with its "й" and "ё",
+    and "ø", "ł", "æ", "ß"), only case-folded.
+
+    What it does not do: full NFKC/NFKD (Hangul syllables, kana voiced sound
+    marks, half-width katakana, CJK compatibility ideographs and
+    multi-character expansions are left alone), transliteration, stemming,
+    stop words, spelling correction, word segmentation of scripts written
+    without spaces (CJK, Thai), or keeping symbols that carry meaning
+    ("c++", "$", "%").
+
+    The fold is one table over all code points (`fold_table`), built from
+    Python's `unicodedata` when first used and stored in the graph as a
+    constant: a SavedModel folds exactly as it did when it was saved.
+    normalize is idempotent: normalize(normalize(x)) == normalize(x).
+
+    Args:
+      text: tf.string tensor of any shape.
+
+    Returns:
+      tf.string tensor of the same shape.
+    """
+    text = _string_tensor(text, "normalize: text")
+    flat = tf.reshape(text, [-1])  # [B]
+    words = tf.strings.split(tf.strings.unicode_encode(_folded_code_points(flat), "UTF-8"))  # [B, None]
+    return tf.reshape(tf.strings.reduce_join(words, axis=-1, separator=" "), tf.shape(text))
+
+
+def hash_strings(values, buckets: int) -> tf.Tensor:
+    """Hashes whole values (categories, query context such as country): tf.string -> int64 ids.
+
+    Each value is normalised first, so "US", " us " and "ＵＳ" share an id:
+    `tf.strings.to_hash_bucket_fast(normalize(values), buckets)`, in
+    `[0, buckets)`, with the shape of `values` ([B] -> [B]).
+    """
+    if int(buckets) < 1:
+        raise ValueError(f"hash_strings: buckets ({buckets}) must be at least 1")
+    return tf.strings.to_hash_bucket_fast(normalize(_string_tensor(values, "hash_strings: values")), int(buckets))
+
+
+# --------------------------------------------------------------------------- tokens (plain implementation)
+
+
+def _options(char_trigrams, word_unigrams, word_bigrams, max_words, max_chars, what: str) -> tuple:
+    if not (char_trigrams or word_unigrams or word_bigrams):
+        raise ValueError(f"{what}: char_trigrams, word_unigrams and word_bigrams are all False; enable at least one")
+    if int(max_words) < 1:
+        raise ValueError(f"{what}: max_words ({max_words}) must be at least 1")
+    max_chars = CHARS_PER_WORD * int(max_words) if max_chars is None else int(max_chars)
+    if max_chars < 1:
+        raise ValueError(f"{what}: max_chars ({max_chars}) must be at least 1 (or None: {CHARS_PER_WORD} * max_words)")
+    return bool(char_trigrams), bool(word_unigrams), bool(word_bigrams), int(max_words), max_chars
+
+
+def _window(text: tf.Tensor, max_chars: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """[B] -> ([B] the first max_chars characters, [B] bool: the text was longer)."""
+    window = tf.strings.substr(text, 0, max_chars, unit="UTF8_CHAR")
+    return window, tf.strings.length(window) < tf.strings.length(text)
+
+
+def tokens(text, char_trigrams: bool = True, word_unigrams: bool = True, word_bigrams: bool = True,
+           max_words: int = 64, max_chars: int | None = None) -> tf.RaggedTensor:
+    """The n-gram tokens of each text: [B] raw tf.string -> tf.string RaggedTensor [B, None].
+
+    The text is normalised (`normalize`) and cut into words at spaces. Only the
+    first `max_words` words are used, taken from the first `max_chars`
+    characters of the raw text (default 12 * max_words = 768: room for 64
+    words of 11 letters; a word cut at that limit is dropped), so the cost of
+    a long text is bounded. A row holds, in this order:
+
+    * char trigrams of each word, `#` marking the word's start and end, prefix
+      "3:": "red" -> "3:#re", "3:red", "3:ed#" (one per character; a one-letter
+      word "a" -> "3:#a#"). Characters, not bytes: "ωμ" -> "3:#ωμ", "3:ωμ#";
+    * words, prefix "1:": "1:red";
+    * pairs of adjacent words joined by a space, prefix "2:": "2:red sofa".
+
+    Kinds never collide: each has its own prefix, and ':' and '#' never occur
+    in a normalised word. A blank text gives an empty row.
+
+    This is the plain implementation, written for reading and testing;
+    `TextHasher` computes `to_hash_bucket_fast(tokens(...))` several times faster.
+
+    Args:
+      text: tf.string [B] (or [B, 1]).
+      char_trigrams, word_unigrams, word_bigrams: which kinds to produce.
+      max_words: words used per text (at least 1).
+      max_chars: characters of the raw text looked at; None = 12 * max_words.
+
+    Returns:
+      tf.string RaggedTensor [B, None].
+    """
+    trigrams, unigrams, bigrams, max_words, max_chars = _options(
+        char_trigrams, word_unigrams, word_bigrams, max_words, max_chars, "tokens")
+    window, cut = _window(_batch(text, "tokens: text"), max_chars)
+    folded = _folded_code_points(window)  # [B, None]
+    words = tf.strings.split(tf.strings.unicode_encode(folded, "UTF-8"))  # [B, W]
+    # A cut text whose window ends inside a word loses that word.
+    n_cps = folded.row_lengths()
+    last_cp = tf.gather(tf.concat([folded.flat_values, [_SPACE]], 0), tf.maximum(folded.row_limits() - 1, 0))
+    ends_in_word = tf.logical_and(n_cps > 0, tf.not_equal(last_cp, _SPACE))
+    limit = tf.minimum(tf.cast(max_words, tf.int64),
+                       words.row_lengths() - tf.cast(tf.logical_and(cut, ends_in_word), tf.int64))  # [B]
+    words = tf.ragged.boolean_mask(words, tf.ragged.range(words.row_lengths()) < limit[:, None])
+    groups = []
+    if trigrams:
+        chars = tf.strings.unicode_split("#" + words + "#", "UTF-8")  # [B, W, C]
+        groups.append(TRIGRAM_PREFIX + tf.strings.ngrams(chars, 3, separator="").merge_dims(1, 2))
+    if unigrams:
+        groups.append(UNIGRAM_PREFIX + words)
+    if bigrams:
+        groups.append(BIGRAM_PREFIX + tf.strings.ngrams(words, 2, separator=" "))
+    return groups[0] if len(groups) == 1 else tf.concat(groups, axis=1)
+
+
+# --------------------------------------------------------------------------- TextHasher (fast implementation)
+
+
+def _code_point_grid(window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The folded windows on a grid of trigram symbols, with byte offsets into a source string.
+
+    Returns:
+      symbol: int32 [B, C]: column 0 is '#' (0), columns 1..n are the folded
+        characters of the row (0 for a separator, 1..36 for [0-9a-z], 37 for
+        any other word character), then '#' up to C = (longest row in bytes) + 3.
+      offset: int32 [B, C]: byte offset of each column's character in `source`
+        (-1 for column 0 of a byte-path row, whose source has no leading '#').
+      source: tf.string [B]: the row (lower-cased), or for a row put on the grid
+        character by character '#' + the row + '#'; words (and trigrams with a
+        character outside [0-9a-z]) are substrings of it at `offset`.
+      n_chars: int32 [B]: n, the number of folded characters.
+      has_other: bool []: some symbol is 37 (only rows with non-ASCII text have those).
+
+    Rows in ASCII (most rows of most catalogues) go straight from bytes to the
+    grid. The other rows are decoded and folded through `fold_table` first;
+    those that are ASCII once folded ("Café" -> "cafe") then take the same
+    byte path, and only rows that keep non-ASCII characters ("Größe", "日本")
+    are put on the grid character by character.
+    """
+    non_ascii = tf.where(~tf.strings.regex_full_match(window, "[\\x00-\\x7f]*"))[:, :1]  # [G, 1]
+
+    def fold_non_ascii_rows():
+        folded = _folded_code_points(tf.gather(window, non_ascii[:, 0]))  # [G, None]
+        encoded = tf.strings.unicode_encode(folded, "UTF-8")  # [G]
+        wide = tf.where(tf.cast(tf.strings.length(encoded), tf.int64) > folded.row_lengths())[:, 0]  # [O] still wide
+        return tf.tensor_scatter_nd_update(window, non_ascii, encoded), tf.gather(folded, wide), tf.gather(
+            non_ascii, wide)
+
+    text, wide_folded, wide = tf.cond(  # [B]: ASCII rows as they are, the others folded; [O, None]; [O, 1]
+        tf.size(non_ascii) > 0, fold_non_ascii_rows,
+        lambda: (window, tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int32), tf.zeros([1], tf.int64)),
+                 tf.zeros([0, 1], tf.int64)))
+    n_rows = tf.shape(text)[0]
+    n_bytes = tf.strings.length(text)  # [B]
+    width = tf.maximum(tf.reduce_max(tf.concat([n_bytes, [0]], 0)), 1)
+    raw = tf.cast(tf.io.decode_raw(text, tf.uint8, fixed_length=width), tf.int32)  # [B, width]
+    symbols = tf.constant(_symbol_table())  # [256]
+    symbol = tf.pad(tf.gather(symbols, raw), [[0, 0], [1, 2]])  # [B, C]
+    offset = tf.broadcast_to(tf.range(-1, width + 2), [n_rows, width + 3])  # [B, C]
+    source = tf.strings.lower(text)  # [B]
+
+    def put_wide_rows():  # the rows still not ASCII once folded, character by character
+        cp = tf.where(tf.equal(wide_folded.flat_values, _SPACE), _MARK, wide_folded.flat_values)  # [N]
+        w_source = "#" + tf.strings.unicode_encode(wide_folded.with_flat_values(cp), "UTF-8") + "#"  # [O]
+        shape = tf.stack([wide_folded.nrows(), tf.cast(width, tf.int64)])  # [O, width]
+        w_symbol = wide_folded.with_flat_values(tf.gather(symbols, tf.minimum(cp, 255))).to_tensor(0, shape=shape)
+        utf8_bytes = 1 + sum(tf.cast(cp >= limit, tf.int32) for limit in (0x80, 0x800, 0x10000))  # [N]
+        w_n_bytes = wide_folded.with_flat_values(utf8_bytes).to_tensor(1, shape=shape)
+        w_offset = tf.cumsum(tf.pad(w_n_bytes, [[0, 0], [1, 2]], constant_values=1), axis=1, exclusive=True)
+        return (tf.tensor_scatter_nd_update(symbol, wide, tf.pad(w_symbol, [[0, 0], [1, 2]])),
+                tf.tensor_scatter_nd_update(offset, wide, w_offset),
+                tf.tensor_scatter_nd_update(source, wide, w_source),
+                tf.tensor_scatter_nd_update(n_bytes, wide, tf.cast(wide_folded.row_lengths(), tf.int32)),
+                tf.constant(True))
+
+    return tf.cond(tf.size(wide) > 0, put_wide_rows, lambda: (symbol, offset, source, n_bytes, tf.constant(False)))
+
+
+def _dense_substrings(source: tf.Tensor, where: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
+                      n_rows) -> tuple[tf.Tensor, tf.Tensor]:
+    """Substrings source[row][start:end], one per row of `where` [K, 2] (row-major).
+
+    Returns tf.string [B, K_max] (each row's substrings, then "" padding) and int64 [B] counts.
+    """
+    rows = where[:, 0]
+    start = tf.RaggedTensor.from_value_rowids(start, rows, n_rows, validate=False)
+    length = tf.RaggedTensor.from_value_rowids(end, rows, n_rows, validate=False) - start
+    return tf.strings.substr(source[:, None], start.to_tensor(), length.to_tensor()), start.row_lengths()
+
+
+def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool, bigrams: bool,
+                   max_words: int, max_chars: int) -> tf.RaggedTensor:
+    """[B] strings -> int64 [B, None]: to_hash_bucket_fast(tokens(text), buckets), computed on a grid."""
+    window, cut = _window(text, max_chars)
+    symbol, offset, source, n_chars, has_other = _code_point_grid(window)  # [B, C], [B, C], [B], [B], []
+    n_rows = tf.shape(symbol, out_type=tf.int64)[0]
+    n_columns = tf.shape(symbol, out_type=tf.int64)[1]
+    is_word = symbol > 0  # [B, C]
+    starts = tf.logical_and(is_word[:, 1:], ~is_word[:, :-1])  # [B, C-1]: j is true if column j+1 starts a word
+    first = tf.where(starts)  # [W, 2] (row, j) of every word's first character, row-major
+    last = tf.where(tf.logical_and(is_word[:, 1:-1], ~is_word[:, 2:]))  # [W, 2] ... and of its last character
+    n_words = tf.math.bincount(tf.cast(first[:, 0], tf.int32), minlength=tf.cast(n_rows, tf.int32),
+                               maxlength=tf.cast(n_rows, tf.int32))  # [B]
+    ends_in_word = tf.gather(is_word, n_chars, batch_dims=1)  # [B] the window's last character is a word's
+    limit = tf.clip_by_value(n_words - tf.cast(tf.logical_and(cut, ends_in_word), tf.int32), 0, max_words)  # [B]
+
+    def keep_first_words():  # the first `limit` words of each row; the grid cropped after them
+        row = first[:, 0]  # [W]
+        first_word = tf.cast(tf.cumsum(n_words, exclusive=True), tf.int64)  # [B] index in `first` of a row's word 1
+        kept = tf.range(tf.size(row, out_type=tf.int64)) - tf.gather(first_word, row) < tf.cast(
+            tf.gather(limit, row), tf.int64)  # [W]
+        cut_at = tf.gather(tf.concat([first[:, 1], [n_columns]], 0),
+                           tf.where(limit < n_words, first_word + tf.cast(limit, tf.int64), tf.size(row, tf.int64)))
+        keep = tf.logical_and(is_word[:, 1:], tf.range(n_columns - 1)[None, :] < cut_at[:, None])  # [B, C-1]
+        kept_last = tf.boolean_mask(last, kept)
+        # Columns 0 .. j+3 suffice: the last kept character (column j+1), its right neighbour, the offset after it.
+        width = tf.reduce_max(tf.concat([kept_last[:, 1], [-1]], 0)) + 4
+        return (keep[:, :width - 1], symbol[:, :width], offset[:, :width], tf.boolean_mask(first, kept), kept_last)
+
+    keep, symbol, offset, first, last = tf.cond(  # keep: [B, C-1]; first, last: [W, 2] of the kept words
+        tf.reduce_any(limit < n_words), keep_first_words, lambda: (is_word[:, 1:], symbol, offset, first, last))
+    groups = []
+    if trigrams:
+        middle = keep[:, :-1]  # [B, C-2] columns 1..C-2
+        code = (symbol[:, :-2] * _BASE + symbol[:, 1:-1]) * _BASE + symbol[:, 2:]  # [B, C-2]
+        ids = tf.gather(tf.constant(_trigram_id_table(buckets)), code)  # int32 [B, C-2]; -1: not in the table
+
+        def hash_other_trigrams():  # trigrams with a character outside [0-9a-z#]
+            where = tf.where(tf.logical_and(middle, ids < 0))  # [K, 2]: (row, j), the trigram of column j + 1
+            strings, counts = _dense_substrings(source, where, tf.gather_nd(offset, where),
+                                                tf.gather_nd(offset, where + [0, 3]), n_rows)  # [B, K_max]
+            hashed = tf.cast(tf.strings.to_hash_bucket_fast(TRIGRAM_PREFIX + strings, buckets), tf.int32)
+            in_row = tf.sequence_mask(counts, tf.shape(hashed, out_type=tf.int64)[1])
+            return tf.tensor_scatter_nd_update(ids, where, tf.boolean_mask(hashed, in_row))
+
+        ids = tf.cond(has_other, hash_other_trigrams, lambda: ids)
+        groups.append(tf.RaggedTensor.from_row_lengths(
+            tf.cast(tf.boolean_mask(ids, middle), tf.int64), tf.reduce_sum(tf.cast(middle, tf.int64), axis=1),
+            validate=False))
+    if unigrams or bigrams:
+        words = tf.RaggedTensor.from_tensor(*_dense_substrings(
+            source, first, tf.gather_nd(offset, first + [0, 1]), tf.gather_nd(offset, last + [0, 2]), n_rows))  # [B, W]
+        if unigrams:
+            groups.append(words.with_flat_values(
+                tf.strings.to_hash_bucket_fast(UNIGRAM_PREFIX + words.flat_values, buckets)))
+        if bigrams:
+            pairs = tf.strings.ngrams(words, 2, separator=" ")  # [B, W - 1]
+            groups.append(pairs.with_flat_values(
+                tf.strings.to_hash_bucket_fast(BIGRAM_PREFIX + pairs.flat_values, buckets)))
+    return groups[0] if len(groups) == 1 else tf.concat(groups, axis=1)
+
+
+class TextHasher(tf.keras.layers.Layer):
+    """Raw text -> hashed n-gram ids for an embedding bag (Que2Search's text features).
+
+    `call(text)`: tf.string [B] (or [B, 1]) -> int64 RaggedTensor [B, None]:
+    `tf.strings.to_hash_bucket_fast(tokens(text, ...), buckets)`, ids in
+    `[0, buckets)`, in the order of `tokens` (trigrams, words, word pairs).
+    An empty or blank text gives an empty row. The layer has no weights; the
+    ids are the same in every process and on every machine (FarmHash).
+
+    Example:
+        hasher = TextHasher(buckets=2**18)
+        ids = hasher(tf.constant(["Red sofa", ""]))  # [[10 ids], []]
+        bag = tf.nn.safe_embedding_lookup_sparse(table, ids.to_sparse(), combiner="sum")
+
+    How: rows in ASCII (and rows that are ASCII once folded, "Café" -> "cafe")
+    go from bytes to a grid of trigram symbols; the ids of trigrams of
+    `[0-9a-z#]` are looked up in a table of their hashes (`buckets`-specific,
+    built at construction); only words, word pairs and trigrams with another
+    character become strings. Other rows (Cyrillic, CJK, "ß"...) are folded
+    character by character first, which costs about twice as much. The graph
+    holds two constant tables (~330 KiB) per call site. Speed: see
+    `benchmarks/featurize_speed.py`.
+
+    Args:
+      buckets: number of hash buckets (rows of the embedding table), 1 to 2**31 - 1.
+      char_trigrams, word_unigrams, word_bigrams, max_words, max_chars: as in `tokens`.
+    """
+
+    def __init__(self, buckets: int, char_trigrams: bool = True, word_unigrams: bool = True,
+                 word_bigrams: bool = True, max_words: int = 64, max_chars: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(buckets) < 1:
+            raise ValueError(f"TextHasher: buckets ({buckets}) must be at least 1")
+        if int(buckets) > 2**31 - 1:
+            raise ValueError(f"TextHasher: buckets ({buckets}) must be at most 2**31 - 1")
+        self.buckets = int(buckets)
+        (self.char_trigrams, self.word_unigrams, self.word_bigrams, self.max_words,
+         self.max_chars) = _options(char_trigrams, word_unigrams, word_bigrams, max_words, max_chars, "TextHasher")
+        if self.char_trigrams:
+            _trigram_id_table(self.buckets)  # built now, eagerly, rather than inside the first trace
+
+    @classmethod
+    def from_config_section(cls, features_cfg, **kwargs) -> "TextHasher":
+        """A hasher for the text fields, from `tf_q2e.config.FeaturesConfig`."""
+        return cls(buckets=features_cfg.buckets, char_trigrams=features_cfg.char_trigrams,
+                   word_unigrams=features_cfg.word_unigrams, word_bigrams=features_cfg.word_bigrams,
+                   max_words=features_cfg.max_words, **kwargs)
+
+    def call(self, text) -> tf.RaggedTensor:
+        return _hashed_ngrams(_batch(text, f"{self.name}: text"), self.buckets, self.char_trigrams,
+                              self.word_unigrams, self.word_bigrams, self.max_words, self.max_chars)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "buckets": self.buckets, "char_trigrams": self.char_trigrams,
+                "word_unigrams": self.word_unigrams, "word_bigrams": self.word_bigrams,
+                "max_words": self.max_words, "max_chars": self.max_chars}
