@@ -25,10 +25,11 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # The main job on the built-in synthetic marketplace. It grows with the package:
-# for now it writes the data set and validates it.
+# for now it writes the data set, validates it and trains the smoke config.
 run: install
 	$(VENV)/bin/q2e synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
 	$(VENV)/bin/q2e validate --config configs/default.yaml --data $(RUN_DIR)/data
+	$(VENV)/bin/q2e train --config configs/smoke.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/train
 
 test: install-test
 	$(PY) -m pytest -q tests

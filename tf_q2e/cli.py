@@ -3,8 +3,8 @@
 Exit codes: 0 success, 2 bad usage, config or input (one clear line on stderr),
 1 any other failure.
 
-Verbs so far: `synth`, `prepare`, `validate`. The model verbs (`train`,
-`evaluate`, `index`, `export`, `serve`, `query`) arrive with their modules.
+Verbs so far: `synth`, `prepare`, `validate`, `train`. The other verbs
+(`evaluate`, `index`, `export`, `serve`, `query`) arrive with their modules.
 """
 
 from __future__ import annotations
@@ -88,6 +88,25 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tf_q2e.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=args.data))
+    if not cfg.data.dir:
+        raise InputError("no data set given: pass --data DIR or set data.dir in the config")
+    from tf_q2e.train import train
+
+    history = train(cfg, cfg.data.dir, args.out)
+    last = {name: values[-1] for name, values in history.items() if values}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
+    print(f"trained {len(history.get('loss', []))} epoch(s) into {args.out}: {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q2e", description="Que2Engage product search: data, training, serving.")
     parser.add_argument("--version", action="version", version=f"tf_q2e {tf_q2e.__version__}")
@@ -116,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--report", help="also write the report as JSON to this file")
     p.set_defaults(run=_validate)
+
+    p = verbs.add_parser("train", help="train the two towers with model.fit")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--data", help="data set directory (overrides data.dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume a killed run)")
+    p.set_defaults(run=_train)
     return parser
 
 

@@ -8,8 +8,18 @@ Flow per input pipeline (one per worker under multi-worker training):
     work units (Parquet row groups, or whole files of other formats)
       -> shard units across input pipelines (rows, when there are fewer units)
       -> shuffle unit order every epoch (training)
-      -> interleave: stream each unit through `Validator` (bad rows dropped or raised)
-      -> unbatch -> shuffle(buffer) -> batch(drop_remainder for training) -> prefetch
+      -> interleave: stream each unit through `Validator` (bad rows dropped or
+         raised); in training its rows are permuted (a new order every epoch)
+         and cut into chunks of CHUNK_ROWS rows
+      -> shuffle chunks (buffer of `shuffle_buffer` rows) -> rebatch to the
+         batch size (drop_remainder for training) -> prefetch
+
+Shuffling moves chunks of rows and `rebatch` cuts batches out of chunks, so
+no step of the pipeline handles rows one at a time: a row-level
+unbatch/shuffle/batch was the bottleneck of training on 2 cores. A batch then
+holds a random sample of the rows of one or two row groups (65,536 rows each
+in files that `DatasetWriter` writes): if the rows of a row group are alike
+(a file sorted by category, say), shuffle the file once before training.
 
 A Parquet file far larger than memory streams: at most `cycle_length` row
 groups are read at a time, plus the shuffle buffer.
@@ -33,6 +43,10 @@ from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format, parquet_row_groups
 from tf_q2e.data.validate import Validator, dataset_files
 from tf_q2e.errors import DataError
+
+
+# Rows per element between reading and batching: shuffling and batching move chunks, not rows.
+CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -112,12 +126,19 @@ class ImpressionPipeline:
             v.products = type(v.products)()  # no catalogue: each unit checks itself
         return v
 
-    def _read_unit(self, index) -> "iter":
+    def _read_unit(self, index, seed) -> "iter":
+        """Chunks of CHUNK_ROWS rows of one unit; with seed >= 0 its rows in a random order."""
         unit = self.units[int(index)]
         kwargs = {} if unit.row_group is None else {"row_groups": [unit.row_group]}
         validator = self._validator()
+        rng = np.random.default_rng(int(seed)) if seed >= 0 else None
         for table in validator.iter_file(unit.path, "impressions", **kwargs):
-            yield _to_numpy(table, self.columns, self.image_dim)
+            arrays = _to_numpy(table, self.columns, self.image_dim)
+            if rng is not None:
+                order = rng.permutation(table.num_rows)
+                arrays = {k: v[order] for k, v in arrays.items()}
+            for start in range(0, table.num_rows, CHUNK_ROWS):
+                yield {k: v[start : start + CHUNK_ROWS] for k, v in arrays.items()}
 
     def dataset(
         self,
@@ -127,6 +148,8 @@ class ImpressionPipeline:
         seed: int = 0,
         input_context: tf.distribute.InputContext | None = None,
         cycle_length: int = 2,
+        drop_remainder: bool | None = None,
+        repeat: bool = False,
     ) -> tf.data.Dataset:
         """Batches of rows.
 
@@ -138,6 +161,10 @@ class ImpressionPipeline:
           shuffle_buffer: rows in the shuffle buffer (training only; 0 = off).
           seed: seed of the shuffles.
           input_context: shards the work across input pipelines (workers).
+          drop_remainder: drop the last short batch; None = `training`
+            (evaluation on several replicas wants True: equal batches everywhere).
+          repeat: pass over the data forever (each pass in a new shuffled
+            order), for `fit` with `steps_per_epoch`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be at least 1")
@@ -152,19 +179,23 @@ class ImpressionPipeline:
         ds = tf.data.Dataset.from_tensor_slices(indices)
         if training:
             ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(
-            lambda i: tf.data.Dataset.from_generator(self._read_unit, args=(i,), output_signature=batch_spec),
+        if repeat:
+            ds = ds.repeat()
+        # Each read of a unit gets its own seed for the order of its rows (-1: file order).
+        seeds = tf.data.Dataset.random(seed=seed).map(lambda r: r % (2**31)) if training else tf.data.Dataset.from_tensors(
+            tf.constant(-1, tf.int64)).repeat()
+        ds = tf.data.Dataset.zip((ds, seeds)).interleave(
+            lambda i, s: tf.data.Dataset.from_generator(self._read_unit, args=(i, s), output_signature=batch_spec),
             cycle_length=max(1, min(cycle_length, len(indices))),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        ds = ds.unbatch()
-        if shard_rows:
-            ds = ds.shard(num_pipelines, pipeline_id)
+        drop = training if drop_remainder is None else drop_remainder
+        if shard_rows:  # fewer units than pipelines: deal out rows
+            return ds.unbatch().shard(num_pipelines, pipeline_id).batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
         if training and shuffle_buffer > 0:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder=training)
-        return ds.prefetch(tf.data.AUTOTUNE)
+            ds = ds.shuffle(max(1, shuffle_buffer // CHUNK_ROWS), seed=seed, reshuffle_each_iteration=True)
+        return ds.rebatch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
 
 def _to_numpy(table: pa.Table, columns: list[str], image_dim: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,169 @@
+"""Training end to end on a tiny synthetic marketplace: model.fit, run directory, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_q2e.cli import main
+from tf_q2e.config import load_config
+from tf_q2e.data.pipeline import dataset_from_dir
+from tf_q2e.data.synth import generate
+from tf_q2e.train import build_model, load_model, train
+
+SMALL = [
+    "features.buckets=4096",
+    "features.category_buckets=128",
+    "features.context_buckets=64",
+    "features.max_words=16",
+    "model.embedding_dim=16",
+    "model.text_embedding_dim=16",
+    "model.hidden_dim=32",
+    "train.global_batch_size=128",
+    "train.shuffle_buffer=2000",
+    "train.learning_rate=0.01",
+    "train.early_stopping_patience=0",
+    "train.steps_per_execution=1",  # a loop of steps traces slower than tiny tests run
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth"))
+    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run"))
+    config = load_config(None, SMALL + ["train.epochs=4", "train.steps_per_epoch=25"])
+    history = train(config, data_dir, run, verbose=0)
+    return run, config, history
+
+
+def test_training_lowers_validation_loss_and_learns_engagement(trained):
+    _, _, history = trained
+    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert history["val_contrastive_loss"][-1] < history["val_contrastive_loss"][0]
+    assert history["val_engagement_auc"][-1] > 0.5
+    assert history["recall_at_1"][-1] > history["recall_at_1"][0]
+
+
+def test_run_directory_records_the_run(trained):
+    run, config, history = trained
+    assert load_config(os.path.join(run, "config.yaml")) == config
+    with open(os.path.join(run, "history.json"), encoding="utf-8") as f:
+        recorded = json.load(f)
+    assert recorded == history and len(recorded["loss"]) == 4
+    assert {"loss", "contrastive_loss", "engagement_loss", "recall_at_1", "engagement_auc", "val_engagement_auc"} <= set(recorded)
+    with open(os.path.join(run, "model.json"), encoding="utf-8") as f:
+        assert json.load(f)["image_dim"] == 4
+    assert os.path.isdir(os.path.join(run, "logs", "train"))
+    assert sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if n.endswith(".index")) == [
+        "epoch-2.index", "epoch-3.index", "epoch-4.index"
+    ]
+
+
+def _vectors(model, data_dir):
+    batch = next(iter(dataset_from_dir(data_dir, "test", 32, training=False)))
+    return [v.numpy() for v in model(batch, training=False)]
+
+
+def test_checkpoint_round_trip_restores_the_trained_model(trained, data_dir):
+    run, config, _ = trained
+    final = _vectors(load_model(run), data_dir)
+    last_epoch = _vectors(load_model(run, os.path.join(run, "checkpoints", "epoch-4")), data_dir)
+    untrained = _vectors(build_model(config, 4, ("query_country",)), data_dir)
+    for a, b, c in zip(final, last_epoch, untrained):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(a - c).max() > 1e-3
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+
+
+def test_modality_dropout_only_in_training(data_dir):
+    config = load_config(None, SMALL + ["model.modality_dropout={query_context: 0.9, description: 0.9, category: 0.9, image: 0.9}"])
+    model = build_model(config, 4, ("query_country",))
+    batch = next(iter(dataset_from_dir(data_dir, "train", 64, training=False)))
+    tower = model.product_tower
+    inference = [tower.modality_vectors(batch, training=False).numpy() for _ in range(2)]
+    np.testing.assert_array_equal(inference[0], inference[1])
+    assert (np.abs(inference[0]).sum(axis=2) > 0).all()  # nothing zeroed
+    training = tower.modality_vectors(batch, training=True).numpy()
+    zeroed = np.abs(training).sum(axis=2) == 0  # [B, modalities]
+    names = tower.modality_names
+    assert not zeroed[:, names.index("title")].any()  # rate 0: never dropped
+    assert 0.7 < zeroed[:, names.index("description")].mean() <= 1.0
+    kept = ~zeroed
+    np.testing.assert_array_equal(training[kept], inference[0][kept])  # kept vectors are not rescaled
+
+
+def test_attention_fusion_weights_are_a_distribution(data_dir):
+    model = build_model(load_config(None, SMALL), 4, ("query_country",))
+    batch = next(iter(dataset_from_dir(data_dir, "train", 16, training=False)))
+    model.product_tower(batch)
+    weights = model.product_tower.fusion.last_weights.numpy()
+    assert weights.shape == (16, 4)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_contrastive_only_baseline_has_no_engagement_term(data_dir):
+    config = load_config(None, SMALL + ["model.engagement_weight=0"])
+    model = build_model(config, 4, ("query_country",))
+    batch = next(iter(dataset_from_dir(data_dir, "train", 64, training=False)))
+    loss = model.compute_loss(batch).numpy()
+    assert abs(loss - model.contrastive_loss.result().numpy()) < 1e-4
+    assert model.engagement_loss.result().numpy() > 0.1  # still measured, just not trained
+
+
+def test_q2e_train_needs_data(capsys):
+    assert main(["train", "--out", "unused"]) == 2
+    assert "no data set given" in capsys.readouterr().err
+
+
+def test_mirrored_training_on_two_logical_cpus_and_batch_divisibility(data_dir, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    base = [sys.executable, "-m", "tf_q2e.cli", "train", "--data", data_dir, "--out", str(tmp_path / "run")]
+    sets = [arg for s in SMALL + ["train.strategy=mirrored", "train.num_devices=2", "train.epochs=1", "train.steps_per_epoch=3",
+                                  "train.validation_steps=2"] for arg in ("--set", s)]
+    bad = subprocess.run(base + sets + ["--set", "train.global_batch_size=33"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2
+    assert "train.global_batch_size (33) must be divisible by the number of replicas (2)" in bad.stderr
+    good = subprocess.run(base + sets, capture_output=True, text=True, env=env, timeout=300)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "training on 2 replica(s)" in good.stderr
+    with open(tmp_path / "run" / "history.json", encoding="utf-8") as f:
+        history = json.load(f)
+    assert np.isfinite(history["loss"][0]) and "val_engagement_auc" in history
+
+
+def test_tf_function_input_is_raw_strings(data_dir):
+    # The towers take the pipeline's raw strings directly: no preprocessing outside the graph.
+    model = build_model(load_config(None, SMALL), 4, ("query_country",))
+    spec = {"query": tf.TensorSpec([None], tf.string), "query_country": tf.TensorSpec([None], tf.string)}
+    encode = tf.function(lambda f: model.query_tower(f), input_signature=[spec])
+    out = encode({"query": tf.constant(["red sofa", "Ｒｅｄ ＳＯＦＡ"]), "query_country": tf.constant(["US", "US"])}).numpy()
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6)  # normalisation in the graph
+
+
+def test_featurizing_in_the_pipeline_gives_the_same_vectors(data_dir):
+    model = build_model(load_config(None, SMALL), 4, ("query_country",))
+    batch = next(iter(dataset_from_dir(data_dir, "train", 32, training=False)))
+    featurized = model.featurize(batch)
+    assert "product_title" not in featurized and isinstance(featurized["product_title#ids"], tf.RaggedTensor)
+    for a, b in zip(model(batch), model(featurized)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_bf16_mixed_precision_trains_with_float32_scores(data_dir, tmp_path):
+    config = load_config(None, SMALL + ["train.mixed_precision=bf16", "train.epochs=1", "train.steps_per_epoch=5",
+                                        "train.validation_steps=2", "train.featurize_in_pipeline=true"])
+    history = train(config, data_dir, str(tmp_path / "run"), verbose=0)
+    assert np.isfinite(history["loss"][0]) and np.isfinite(history["val_loss"][0])
+    assert tf.keras.mixed_precision.global_policy().name == "float32"  # restored after training

@@ -1,0 +1,118 @@
+"""`Que2EngageModel`: the two towers trained with the two tasks at once.
+
+    L = L_ctr + λ·L_bce
+
+`compute_loss` returns this replica's contribution to L (see `tasks.py`) and
+updates the metrics that `fit` logs: `loss` (L of the global batch),
+`contrastive_loss`, `engagement_loss`, `recall_at_1` (in-batch: the positive
+scores highest among the global batch, Que2Search's batch metric) and
+`engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows).
+
+λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
+baseline from the same code.
+
+`train_step` replaces `tfrs.Model`'s to add loss scaling for float16 mixed
+precision and to log the global loss: under `MirroredStrategy` each replica's
+loss is only its share of the global batch's.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tf_q2e.config import Config
+from tf_q2e.data import schema as S
+from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval, global_sum
+from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower
+
+
+class Que2EngageModel(tfrs.Model):
+    """Query tower + product tower + scaled softmax retrieval + engagement BCE.
+
+    Args:
+      config: the resolved configuration (features, model).
+      image_dim: length of `product_image_embedding` (0: the data has none).
+      context_columns: the query context columns of the data, e.g. `("query_country",)`.
+      product_log_q: for logQ correction, a `tf.lookup` table from product id
+        to the log of its training frequency (`model.logq_correction`).
+      seed: seed of modality dropout.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        image_dim: int = 0,
+        context_columns: tuple[str, ...] = (),
+        product_log_q: tf.lookup.StaticHashTable | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        f, m = config.features, config.model
+        if m.logq_correction and product_log_q is None:
+            raise ValueError("model.logq_correction needs product_log_q (product frequencies of the training data)")
+        self.config = config
+        self.image_dim = image_dim
+        self.context_columns = tuple(context_columns)
+        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, name="shared_text_bag") if m.share_text_tables else None
+        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, name="query_tower")
+        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, name="product_tower")
+        self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
+        self.engagement = EngagementBCE(m.scale, learned_bias=m.engagement_bias == "learned", name="engagement")
+        self.engagement_weight = float(m.engagement_weight)
+        self.product_log_q = product_log_q if m.logq_correction else None
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+        self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
+        self.engagement_loss = tf.keras.metrics.Mean(name="engagement_loss")
+        self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
+        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", from_logits=True, num_thresholds=500)
+
+    def featurize(self, features: dict) -> dict:
+        """Hashes the text features of a batch (for `dataset.map`; see `_Tower.featurize`)."""
+        return self.product_tower.featurize(self.query_tower.featurize(features))
+
+    def weights_checkpoint(self) -> tf.train.Checkpoint:
+        """A checkpoint of the model's weights alone (no optimizer slots): a third of the size."""
+        return tf.train.Checkpoint(query_tower=self.query_tower, product_tower=self.product_tower, engagement=self.engagement)
+
+    @property
+    def metrics(self) -> list[tf.keras.metrics.Metric]:
+        return [self.loss_tracker, self.contrastive_loss, self.engagement_loss, self.recall_at_1, self.engagement_auc]
+
+    def call(self, features: dict, training=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(query vectors [B, D], product vectors [B, D])` of impression rows."""
+        return self.query_tower(features, training=training), self.product_tower(features, training=training)
+
+    def compute_loss(self, features: dict, training: bool = False) -> tf.Tensor:
+        queries, products = self(features, training=training)
+        log_q = self.product_log_q.lookup(features[S.PRODUCT_ID]) if self.product_log_q is not None else None
+        ctr = self.retrieval(queries, products, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
+        bce = self.engagement(queries, products, features[S.ENGAGED])
+        loss = ctr.loss + self.engagement_weight * bce.loss
+        self.contrastive_loss.update_state(ctr.row_losses)
+        self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
+        self.recall_at_1.update_state(ctr.hits_at_1)
+        engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
+        self.engagement_auc.update_state(engaged, bce.logits, sample_weight=bce.labelled)
+        self.loss_tracker.update_state(global_sum(loss))
+        return loss
+
+    def train_step(self, features: dict) -> dict:
+        optimizer = self.optimizer
+        scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(features, training=True)
+            if self.losses:  # regularisation, split over replicas like the loss
+                loss += tf.add_n(self.losses) / tf.distribute.get_strategy().num_replicas_in_sync
+            target = optimizer.get_scaled_loss(loss) if scaled else loss
+        gradients = tape.gradient(target, self.trainable_variables)
+        if scaled:
+            gradients = optimizer.get_unscaled_gradients(gradients)
+        optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, features: dict) -> dict:
+        self.compute_loss(features, training=False)
+        return {metric.name: metric.result() for metric in self.metrics}
+

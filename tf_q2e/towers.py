@@ -1,0 +1,273 @@
+"""The query tower and the product tower.
+
+Each tower turns raw features into one vector per modality φ_i `[B, D]`,
+drops whole modalities at random in training (Que2Engage's modality dropout),
+fuses them, and L2-normalises the result:
+
+    query tower:   query_text (hashed n-gram bag → MLP), query_context (hashed
+                   embedding of each `query_*` context column, summed)
+    product tower: title, description (hashed n-gram bags → MLP each),
+                   category (hashed embedding), image (MLP), when present
+
+Fusion is Que2Search's attention fusion, `a = softmax([φ_1‖…‖φ_N] W)`,
+`f = Σ_i a_i φ_i`, or concatenation followed by an MLP. Text is featurized in
+the graph (`features.TextHasher`), so the towers take raw strings and an
+exported tower serves raw strings.
+
+The n-gram tables are the bulk of the weights (2^18 × 64 each); lookups
+gather rows, so their gradients are `IndexedSlices` and a sparse optimizer
+(`optimizers.SparseAdam`) updates only the rows a batch touches.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_q2e.config import FeaturesConfig, ModelConfig
+from tf_q2e.data import schema as S
+from tf_q2e.features import TextHasher, hash_strings
+
+# Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
+IDS_SUFFIX = "#ids"
+
+
+class EmbeddingBag(tf.keras.layers.Layer):
+    """Mean of the table rows of each row's ids: ragged `[B, None]` int64 → `[B, E]`.
+
+    Rows with no ids give zeros. The lookup is a `tf.gather`, so the table's
+    gradient is sparse.
+    """
+
+    def __init__(self, buckets: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.buckets = buckets
+        self.dim = dim
+
+    def build(self, input_shape) -> None:
+        self.table = self.add_weight(
+            name="table",
+            shape=(self.buckets, self.dim),
+            initializer=tf.keras.initializers.RandomNormal(stddev=0.05),
+            dtype=tf.float32,
+        )
+        super().build(input_shape)
+
+    def call(self, ids: tf.RaggedTensor) -> tf.Tensor:
+        rows = ids.nrows()
+        # Common n-grams repeat across a batch: read (and later update) each table row once.
+        unique_ids, position = tf.unique(ids.flat_values)
+        vectors = tf.gather(tf.gather(self.table, unique_ids), position)  # [T, E]
+        row_ids = ids.value_rowids()
+        sums = tf.math.unsorted_segment_sum(vectors, row_ids, num_segments=rows)  # [B, E]
+        counts = tf.cast(ids.row_lengths(), vectors.dtype)[:, tf.newaxis]
+        return tf.cast(sums / tf.maximum(counts, 1.0), self.compute_dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim}
+
+
+def _mlp(hidden: int, out: int, name: str) -> tf.keras.Sequential:
+    return tf.keras.Sequential(
+        [tf.keras.layers.Dense(hidden, activation="relu"), tf.keras.layers.Dense(out)], name=name
+    )
+
+
+class TextModality(tf.keras.layers.Layer):
+    """Raw text `[B]` → hashed n-grams → embedding bag → MLP → `[B, D]`."""
+
+    def __init__(self, hasher: TextHasher, bag: EmbeddingBag, hidden_dim: int, output_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hasher = hasher
+        self.bag = bag
+        self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
+
+    def call(self, text_or_ids) -> tf.Tensor:
+        """Raw text `[B]`, or the hasher's ids `[B, None]` when featurized in the input pipeline."""
+        ids = text_or_ids if isinstance(text_or_ids, tf.RaggedTensor) else self.hasher(text_or_ids)
+        return self.mlp(self.bag(ids))
+
+
+class HashedCategorical(tf.keras.layers.Layer):
+    """String values `[B]` → hashed bucket → embedding `[B, D]`."""
+
+    def __init__(self, buckets: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.buckets = buckets
+        self.embedding = tf.keras.layers.Embedding(buckets, dim, embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+
+    def call(self, values: tf.Tensor) -> tf.Tensor:
+        return self.embedding(hash_strings(values, self.buckets))
+
+
+class ModalityDropout(tf.keras.layers.Layer):
+    """Zeroes a whole modality vector of a row with probability `rate`, in training only.
+
+    Unlike ordinary dropout nothing is rescaled: the tower must learn to do
+    without the modality (Que2Engage).
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+
+    def call(self, vectors: tf.Tensor, training=None) -> tf.Tensor:
+        if not training or self.rate == 0.0:
+            return vectors
+        keep = tf.random.uniform([tf.shape(vectors)[0], 1], seed=self.seed) >= self.rate
+        return vectors * tf.cast(keep, vectors.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+class AttentionFusion(tf.keras.layers.Layer):
+    """Que2Search's attention fusion: `a = softmax([φ_1‖…‖φ_N] W)`, `f = Σ_i a_i φ_i`.
+
+    Input `[B, N, D]`; W is `[N·D, N]`. Output `[B, D]`. The attention weights
+    of the last call are kept in `last_weights` for inspection.
+    """
+
+    def build(self, input_shape) -> None:
+        self.modalities, self.dim = int(input_shape[1]), int(input_shape[2])
+        self.w = tf.keras.layers.Dense(self.modalities, use_bias=False, name="w")
+        super().build(input_shape)
+
+    def call(self, stacked: tf.Tensor) -> tf.Tensor:
+        flat = tf.reshape(stacked, [-1, self.modalities * self.dim])  # [B, N·D]
+        weights = tf.nn.softmax(tf.cast(self.w(flat), tf.float32), axis=-1)  # [B, N]
+        self.last_weights = weights
+        return tf.einsum("bn,bnd->bd", tf.cast(weights, stacked.dtype), stacked)
+
+
+class ConcatFusion(tf.keras.layers.Layer):
+    """Concatenate the modality vectors and map them to D with an MLP."""
+
+    def __init__(self, hidden_dim: int, output_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
+
+    def call(self, stacked: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(stacked)
+        return self.mlp(tf.reshape(stacked, [shape[0], stacked.shape[1] * stacked.shape[2]]))
+
+
+class _Tower(tf.keras.layers.Layer):
+    """Modalities → modality dropout → fusion → L2 normalisation (float32)."""
+
+    def __init__(self, model_cfg: ModelConfig, seed: int | None, **kwargs):
+        super().__init__(**kwargs)
+        self.model_cfg = model_cfg
+        self.seed = seed
+        self.modality_names: list[str] = []
+        self.encoders: dict[str, tf.keras.layers.Layer] = {}
+        self.inputs: dict[str, str | list[str]] = {}
+        self.dropouts: dict[str, ModalityDropout] = {}
+
+    def _add(self, name: str, encoder: tf.keras.layers.Layer, inputs) -> None:
+        """Adds a modality that encodes feature `inputs` (a key, or a list of keys)."""
+        self.modality_names.append(name)
+        self.encoders[name] = encoder
+        self.inputs[name] = inputs
+        rate = self.model_cfg.modality_dropout.get(name, 0.0)
+        seed = None if self.seed is None else self.seed + len(self.modality_names)
+        self.dropouts[name] = ModalityDropout(rate, seed=seed, name=f"{name}_dropout")
+
+    def _finish(self) -> None:
+        m = self.model_cfg
+        self.fusion = AttentionFusion(name="fusion") if m.fusion == "attention" else ConcatFusion(m.hidden_dim, m.embedding_dim, name="fusion")
+
+    def _text_modalities(self) -> list[str]:
+        return [name for name in self.modality_names if isinstance(self.encoders[name], TextModality)]
+
+    def featurize(self, features: dict) -> dict:
+        """Hashes the text modalities' features: `key` -> `key + IDS_SUFFIX` (ragged ids).
+
+        For the input pipeline (`dataset.map`), so hashing runs beside the
+        train step; `call` takes either form and gives the same vectors.
+        """
+        out = dict(features)
+        for name in self._text_modalities():
+            key = self.inputs[name]
+            if key in out:
+                out[key + IDS_SUFFIX] = self.encoders[name].hasher(out.pop(key))
+        return out
+
+    def modality_vectors(self, features: dict, training=None) -> tf.Tensor:
+        """`[B, N, D]`: each modality's vector, after modality dropout."""
+        vectors = []
+        for name in self.modality_names:
+            key = self.inputs[name]
+            if isinstance(key, str):
+                x = features[key + IDS_SUFFIX] if key + IDS_SUFFIX in features else features[key]
+            else:
+                x = [features[k] for k in key]
+            vectors.append(self.dropouts[name](self.encoders[name](x), training=training))
+        return tf.stack(vectors, axis=1)
+
+    def call(self, features: dict, training=None) -> tf.Tensor:
+        fused = self.fusion(self.modality_vectors(features, training=training))
+        return tf.math.l2_normalize(tf.cast(fused, tf.float32), axis=-1)  # [B, D] float32
+
+
+class QueryTower(_Tower):
+    """`{"query": [B] string, "query_<context>": [B] string ...}` → `[B, D]` unit vectors."""
+
+    def __init__(
+        self,
+        features_cfg: FeaturesConfig,
+        model_cfg: ModelConfig,
+        context_columns: tuple[str, ...] = (),
+        text_bag: EmbeddingBag | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(model_cfg, seed, **kwargs)
+        self.context_columns = tuple(context_columns)
+        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="query_text_bag")
+        hasher = TextHasher.from_config_section(features_cfg)
+        text = TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, name="query_text")
+        self._add("query_text", text, S.QUERY)
+        if self.context_columns:
+            self.context = {
+                c: HashedCategorical(features_cfg.context_buckets, model_cfg.embedding_dim, name=c) for c in self.context_columns
+            }
+            self._add("query_context", _Sum(list(self.context.values()), name="query_context"), list(self.context_columns))
+        self._finish()
+
+
+class ProductTower(_Tower):
+    """Product fields (`product_title`, `product_description`, `product_category`,
+    `product_image_embedding`) → `[B, D]` unit vectors."""
+
+    def __init__(
+        self,
+        features_cfg: FeaturesConfig,
+        model_cfg: ModelConfig,
+        image_dim: int = 0,
+        text_bag: EmbeddingBag | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(model_cfg, seed, **kwargs)
+        self.image_dim = image_dim
+        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="product_text_bag")
+        hasher = TextHasher.from_config_section(features_cfg)
+        h, d = model_cfg.hidden_dim, model_cfg.embedding_dim
+        self._add("title", TextModality(hasher, bag, h, d, name="title"), S.PRODUCT_TITLE)
+        self._add("description", TextModality(hasher, bag, h, d, name="description"), S.PRODUCT_DESCRIPTION)
+        self._add("category", HashedCategorical(features_cfg.category_buckets, d, name="category"), S.PRODUCT_CATEGORY)
+        if image_dim:
+            self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
+        self._finish()
+
+
+class _Sum(tf.keras.layers.Layer):
+    """Sum of several encoders, each applied to its own input."""
+
+    def __init__(self, encoders: list[tf.keras.layers.Layer], **kwargs):
+        super().__init__(**kwargs)
+        self.encoders = encoders
+
+    def call(self, inputs: list[tf.Tensor]) -> tf.Tensor:
+        return tf.add_n([encoder(x) for encoder, x in zip(self.encoders, inputs)])

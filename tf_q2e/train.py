@@ -1,0 +1,251 @@
+"""Training with `model.fit`: strategy, data, model, optimizer, callbacks, run directory.
+
+`train(config, data_dir, run_dir)` is what `q2e train` runs. The run directory:
+
+    RUN/config.yaml         the resolved config (defaults filled in, overrides applied)
+    RUN/data_report.json    validation of the data set (RUN/quarantine/ holds skipped rows)
+    RUN/model.json          what the model was built from (data dir, image_dim, context columns)
+    RUN/history.json        Keras history: metric name -> one value per epoch
+    RUN/checkpoints/        the model's weights after each of the last 3 epochs (epoch-N)
+    RUN/model/weights.*     the final weights (the best epoch's when early stopping restored
+                            them); `load_model(RUN)` rebuilds the model and reads them
+    RUN/backup/             BackupAndRestore state while a run is in progress: rerun the
+                            same command after a crash and it resumes from the last epoch
+    RUN/logs/               TensorBoard
+
+Strategies (`train.strategy`): `default` (one device); `mirrored` (all GPUs, or
+`train.num_devices` logical CPU devices where there is no GPU — how the
+multi-replica path is tested on CPU); `multi_worker`
+(`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`; only the chief
+writes the run directory, other workers write to `RUN/workers/<index>/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import tensorflow as tf
+
+from tf_q2e.config import Config
+from tf_q2e.data import schema as S
+from tf_q2e.data.formats import file_format
+from tf_q2e.data.pipeline import ImpressionPipeline
+from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
+from tf_q2e.errors import ConfigError, DataError
+from tf_q2e.model import Que2EngageModel
+from tf_q2e.optimizers import make_optimizer
+
+MIXED_PRECISION_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def make_strategy(config: Config) -> tf.distribute.Strategy:
+    """The distribution strategy that `train.strategy` names.
+
+    `mirrored` without GPUs splits the CPU into `train.num_devices` logical
+    devices; that must happen before TensorFlow runs its first op.
+    """
+    t = config.train
+    if t.strategy == "default":
+        return tf.distribute.get_strategy()
+    if t.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        count = t.num_devices or len(gpus)
+        if count > len(gpus):
+            raise ConfigError(f"train.num_devices ({count}) is more than the {len(gpus)} GPU(s) of this machine")
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(count)])
+    count = t.num_devices or 1
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    logical = tf.config.get_logical_device_configuration(cpu)  # unlike list_logical_devices, starts nothing
+    if len(logical or [None]) != count:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"train.num_devices={count} logical CPU devices must be configured before TensorFlow runs its "
+                f"first op, and this process has run one already ({e}); start a new process"
+            ) from e
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(count)], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def product_log_frequencies(train_file: str) -> tf.lookup.StaticHashTable:
+    """Table product id -> log(its share of the training rows), for logQ correction.
+
+    Unseen products get the log share of a product seen once.
+    """
+    if file_format(train_file) != "parquet":
+        raise DataError(f"{train_file}: logQ correction reads product frequencies from Parquet files only")
+    counts = pc.value_counts(pq.read_table(train_file, columns=[S.PRODUCT_ID]).column(S.PRODUCT_ID).combine_chunks())
+    ids = counts.field("values").to_numpy(zero_copy_only=False).astype(object)
+    n = counts.field("counts").to_numpy().astype(np.float64)
+    log_p = np.log(n / n.sum()).astype(np.float32)
+    default = float(np.log(1.0 / n.sum()))
+    initializer = tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string), tf.constant(log_p))
+    return tf.lookup.StaticHashTable(initializer, default_value=default)
+
+
+def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...], product_log_q=None) -> Que2EngageModel:
+    """The model, with its variables created (call inside `strategy.scope()`)."""
+    model = Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed)
+    example = {
+        S.QUERY: tf.constant(["red sofa"]),
+        **{c: tf.constant([""]) for c in context_columns},
+        S.PRODUCT_ID: tf.constant(["p"]),
+        S.PRODUCT_TITLE: tf.constant(["red sofa"]),
+        S.PRODUCT_DESCRIPTION: tf.constant([""]),
+        S.PRODUCT_CATEGORY: tf.constant([""]),
+    }
+    if image_dim:
+        example[S.PRODUCT_IMAGE_EMBEDDING] = tf.zeros([1, image_dim])
+    model(example)
+    return model
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True, 0
+    chief = resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                              and "chief" not in resolver.cluster_spec().as_dict())
+    return chief, int(resolver.task_id or 0)
+
+
+def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = None) -> dict:
+    """Trains the model on `data_dir` and writes `run_dir`; returns the Keras history dict."""
+    t = config.train
+    strategy = make_strategy(config)  # first: logical devices must precede any TF op
+    replicas = strategy.num_replicas_in_sync
+    if t.global_batch_size % replicas:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by the number of replicas ({replicas})"
+        )
+    chief, worker_index = _is_chief(strategy)
+    out = run_dir if chief else os.path.join(run_dir, "workers", str(worker_index))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(config.to_yaml())
+
+    catalog, splits = dataset_files(data_dir)
+    report = validate_dataset(
+        data_dir, config.data.on_bad_rows, config.data.image_dim, config.data.quarantine_dir or os.path.join(out, "quarantine")
+    )
+    with open(os.path.join(out, "data_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    if config.data.on_bad_rows == "error" and report.problem_count:
+        raise bad_rows_error([p for r in report.files for p in r.problems], report.problem_count)
+    _log(report.format_text())
+
+    pipeline = ImpressionPipeline([splits["train"]], catalog, on_bad_rows=config.data.on_bad_rows, image_dim=config.data.image_dim)
+    validation = (
+        ImpressionPipeline([splits["validation"]], catalog, on_bad_rows=config.data.on_bad_rows, image_dim=pipeline.image_dim or None)
+        if "validation" in splits
+        else None
+    )
+    context_columns = tuple(c for c in pipeline.columns if S.is_query_context(c))
+    with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as f:
+        json.dump({"data_dir": os.path.abspath(data_dir), "image_dim": pipeline.image_dim,
+                   "context_columns": list(context_columns)}, f, indent=2)
+
+    tf.keras.utils.set_random_seed(t.seed)
+    tf.keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[t.mixed_precision])
+    try:
+        with strategy.scope():
+            log_q = product_log_frequencies(splits["train"]) if config.model.logq_correction else None
+            model = build_model(config, pipeline.image_dim, context_columns, log_q)
+            model.compile(
+                optimizer=make_optimizer(t.optimizer, t.learning_rate),
+                jit_compile=t.jit_compile,
+                steps_per_execution=t.steps_per_execution,
+            )
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+    def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = context.get_per_replica_batch_size(t.global_batch_size)
+        ds = pipeline.dataset(
+            batch, training=True, shuffle_buffer=t.shuffle_buffer, seed=t.seed, input_context=context, repeat=True
+        )
+        return _featurized(ds, model) if t.featurize_in_pipeline else ds
+
+    def validation_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = context.get_per_replica_batch_size(t.global_batch_size)
+        # Several replicas: equal batches on every replica (drops < one global batch).
+        ds = validation.dataset(batch, training=False, input_context=context, drop_remainder=replicas > 1)
+        return _featurized(ds, model) if t.featurize_in_pipeline else ds
+
+    callbacks = [
+        tf.keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        EpochCheckpoints(os.path.join(out, "checkpoints")),
+        tf.keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq="epoch"),
+    ]
+    if validation is not None and t.early_stopping_patience:
+        callbacks.append(
+            tf.keras.callbacks.EarlyStopping(
+                monitor="val_engagement_auc", mode="max", patience=t.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    rows = {r.path: r.rows_kept for r in report.files}
+    steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
+    validation_steps = t.validation_steps
+    if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
+        n = rows[splits["validation"]]
+        validation_steps = max(1, n // t.global_batch_size if replicas > 1 else -(-n // t.global_batch_size))
+    _log(f"training on {replicas} replica(s), global batch {t.global_batch_size}, {t.epochs} epoch(s) of {steps} steps")
+    history = model.fit(
+        strategy.distribute_datasets_from_function(train_data),
+        epochs=t.epochs,
+        steps_per_epoch=steps,
+        validation_data=strategy.distribute_datasets_from_function(validation_data) if validation else None,
+        validation_steps=validation_steps,
+        callbacks=callbacks,
+        verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
+    )
+    logs = {name: [float(v) for v in values] for name, values in history.history.items()}
+    model.weights_checkpoint().write(os.path.join(out, "model", "weights"))
+    with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
+        json.dump(logs, f, indent=2)
+    return logs
+
+
+def _featurized(ds: tf.data.Dataset, model: Que2EngageModel) -> tf.data.Dataset:
+    """Hashes text in the input pipeline, in parallel with the train step (same layers as serving)."""
+    return ds.map(model.featurize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+class EpochCheckpoints(tf.keras.callbacks.Callback):
+    """Writes the model's weights (no optimizer state) after each epoch; keeps the last `keep`."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        super().__init__()
+        self.directory = directory
+        self.keep = keep
+        self.manager = None
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self.manager is None:
+            self.manager = tf.train.CheckpointManager(self.model.weights_checkpoint(), self.directory, self.keep, checkpoint_name="epoch")
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+def load_model(run_dir: str, weights: str | None = None) -> Que2EngageModel:
+    """The trained model of a run directory (the final weights, or a given checkpoint)."""
+    from tf_q2e.config import load_config
+
+    config = load_config(os.path.join(run_dir, "config.yaml"))
+    with open(os.path.join(run_dir, "model.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    model = build_model(config, meta["image_dim"], tuple(meta["context_columns"]))
+    model.weights_checkpoint().read(weights or os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
+    return model
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
