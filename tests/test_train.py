@@ -107,8 +107,8 @@ def test_modality_dropout_only_in_training(data_dir):
 def test_attention_fusion_weights_are_a_distribution(data_dir):
     model = build_model(load_config(None, SMALL), 4, ("query_country",))
     batch = next(iter(dataset_from_dir(data_dir, "train", 16, training=False)))
-    model.product_tower(batch)
-    weights = model.product_tower.fusion.last_weights.numpy()
+    tower = model.product_tower
+    weights = tower.fusion.attention(tower.modality_vectors(batch)).numpy()
     assert weights.shape == (16, 4)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
 

@@ -124,8 +124,8 @@ class ModalityDropout(tf.keras.layers.Layer):
 class AttentionFusion(tf.keras.layers.Layer):
     """Que2Search's attention fusion: `a = softmax([φ_1‖…‖φ_N] W)`, `f = Σ_i a_i φ_i`.
 
-    Input `[B, N, D]`; W is `[N·D, N]`. Output `[B, D]`. The attention weights
-    of the last call are kept in `last_weights` for inspection.
+    Input `[B, N, D]`; W is `[N·D, N]`. Output `[B, D]`. `attention(stacked)`
+    gives the weights a `[B, N]` for inspection.
     """
 
     def build(self, input_shape) -> None:
@@ -133,10 +133,13 @@ class AttentionFusion(tf.keras.layers.Layer):
         self.w = tf.keras.layers.Dense(self.modalities, use_bias=False, name="w")
         super().build(input_shape)
 
-    def call(self, stacked: tf.Tensor) -> tf.Tensor:
+    def attention(self, stacked: tf.Tensor) -> tf.Tensor:
+        """The weights a `[B, N]` (float32) of each row's modalities."""
         flat = tf.reshape(stacked, [-1, self.modalities * self.dim])  # [B, N·D]
-        weights = tf.nn.softmax(tf.cast(self.w(flat), tf.float32), axis=-1)  # [B, N]
-        self.last_weights = weights
+        return tf.nn.softmax(tf.cast(self.w(flat), tf.float32), axis=-1)
+
+    def call(self, stacked: tf.Tensor) -> tf.Tensor:
+        weights = self.attention(stacked)  # [B, N]
         return tf.einsum("bn,bnd->bd", tf.cast(weights, stacked.dtype), stacked)
 
 
