@@ -8,12 +8,13 @@ Measures, in one run on the same machine:
    batches, interleaved in blocks (median of blocks), so the ratio compares
    the models and not the input pipeline or the machine's load at one moment;
 2. end-to-end `model.fit` examples/s of `Que2EngageModel` reading the Parquet
-   pipeline (validation of rows, shuffling, hashing), with the config's
-   `steps_per_execution`.
+   pipeline as `train.py` does (validation of rows, shuffling, hashing, the
+   config's `steps_per_execution` and `cache`), for the first epoch and for
+   the second (which, with the cache, reads hashed rows from memory).
 
 Targets on 2 CPU cores (issue 3): the two-task model costs at most 10% more per
 step than plain Retrieval, and the default config trains at >= 15,000 examples/s
-with Adam.
+with Adam (checked on the steady state: `model.fit`'s second epoch).
 
 Usage:
   .venv/bin/python benchmarks/train_throughput.py [--data DIR] [--products 20000 --impressions 200000]
@@ -35,6 +36,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tf_q2e  # noqa: E402,F401  (Keras 2 before TensorFlow)
+import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
@@ -44,10 +46,18 @@ from tf_q2e.data.pipeline import ImpressionPipeline  # noqa: E402
 from tf_q2e.data.synth import generate  # noqa: E402
 from tf_q2e.data.validate import dataset_files  # noqa: E402
 from tf_q2e.optimizers import make_optimizer  # noqa: E402
-from tf_q2e.train import build_model  # noqa: E402
+from tf_q2e.train import AUTO_CACHE_ROWS, build_model  # noqa: E402
 
 
 CACHED_BATCHES = 20
+
+
+class EpochTimer(tf.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = getattr(self, "seconds", []) + [time.perf_counter() - self.start]
 
 
 class PlainRetrieval(tfrs.Model):
@@ -78,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impressions", type=int, default=200_000)
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps per block")
-    parser.add_argument("--fit-steps", type=int, default=150, help="steps of the end-to-end fit")
+    parser.add_argument("--fit-steps", type=int, default=0, help="steps of each end-to-end epoch (0: the whole split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -97,8 +107,11 @@ def main(argv=None) -> int:
 
         # 1. The train step alone, on the same in-memory batches.
         q2e = build_model(config, pipeline.image_dim, context_columns)
-        # As in training: raw strings, hashed in the step, unless featurize_in_pipeline.
-        featurize = q2e.featurize if config.train.featurize_in_pipeline else (lambda batch: batch)
+        # As in training: text hashed in the pipeline when cached or featurize_in_pipeline, else in the step.
+        rows = pq.ParquetFile(splits["train"]).metadata.num_rows
+        cached = config.train.cache == "memory" or (config.train.cache == "auto" and rows <= AUTO_CACHE_ROWS)
+        hashed = cached or config.train.featurize_in_pipeline
+        featurize = q2e.featurize if hashed else (lambda batch: batch)
         cached = iter(pipeline.dataset(batch_size, training=True, shuffle_buffer=20_000, seed=0)
                       .take(CACHED_BATCHES).map(featurize).cache().repeat().prefetch(2))
         q2e.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate))
@@ -121,25 +134,26 @@ def main(argv=None) -> int:
             print(f"{name:<18}{seconds * 1000:>10.1f}{batch_size / seconds:>13,.0f}")
         print(f"two-task cost per step vs plain Retrieval: {ratio:.3f}x ({(ratio - 1) * 100:+.1f}%)")
 
-        # 2. End to end: model.fit reading the Parquet pipeline.
+        # 2. End to end: model.fit reading the Parquet pipeline, two epochs as train.py reads them.
         fit_model = build_model(config, pipeline.image_dim, context_columns)
         fit_model.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate),
                           steps_per_execution=config.train.steps_per_execution)
-        data = pipeline.dataset(batch_size, training=True, shuffle_buffer=config.train.shuffle_buffer, seed=0, repeat=True)
-        if config.train.featurize_in_pipeline:
-            data = data.map(fit_model.featurize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-        fit_model.fit(data, epochs=1, steps_per_epoch=30, verbose=0)  # trace, fill the shuffle buffer
-        start = time.perf_counter()
-        fit_model.fit(data, epochs=1, steps_per_epoch=args.fit_steps, verbose=0)
-        fit_rate = args.fit_steps * batch_size / (time.perf_counter() - start)
-        print(f"\nmodel.fit end to end (Parquet pipeline, {args.fit_steps} steps, steps_per_execution "
-              f"{config.train.steps_per_execution}, featurize_in_pipeline {config.train.featurize_in_pipeline}): "
-              f"{fit_rate:,.0f} examples/s")
+        data = pipeline.dataset(batch_size, training=True, shuffle_buffer=config.train.shuffle_buffer, seed=0, repeat=True,
+                                cache="" if cached else None, chunk_fn=fit_model.featurize if hashed else None)
+        epoch_steps = args.fit_steps or rows // batch_size
+        timer = EpochTimer()
+        fit_model.fit(data, epochs=2, steps_per_epoch=epoch_steps, verbose=0, callbacks=[timer])
+        fit_rates = [epoch_steps * batch_size / seconds for seconds in timer.seconds]
+        print(f"\nmodel.fit end to end ({rows:,} rows, {epoch_steps} steps an epoch, steps_per_execution "
+              f"{config.train.steps_per_execution}, cache {'memory' if cached else 'none'}, text hashed "
+              f"{'in the pipeline' if hashed else 'in the step'}):")
+        for epoch, rate in enumerate(fit_rates, start=1):
+            print(f"  epoch {epoch}: {rate:,.0f} examples/s")
 
-    step_rate = batch_size / step["que2engage"]
-    ok_ratio, ok_rate = ratio <= 1.10, step_rate >= 15_000
+    steady = fit_rates[-1]
+    ok_ratio, ok_rate = ratio <= 1.10, steady >= 15_000
     print(f"\ntarget two-task cost <= 1.10x plain Retrieval: {'met' if ok_ratio else 'NOT met'} ({ratio:.3f}x)")
-    print(f"target >= 15,000 examples/s (train step): {'met' if ok_rate else 'NOT met'} ({step_rate:,.0f})")
+    print(f"target >= 15,000 examples/s (model.fit, epoch 2): {'met' if ok_rate else 'NOT met'} ({steady:,.0f})")
     return 0 if ok_ratio and ok_rate else 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -104,3 +106,15 @@ def test_dataset_from_dir_reads_a_split_with_relevance(tmp_path):
     batch = next(iter(dataset_from_dir(data, "train", 4, training=False, with_relevance=True)))
     relevance = batch["relevance"].numpy()
     assert np.isnan(relevance[0]) and relevance[1] == 2.5
+
+
+def test_cached_pipeline_replays_every_row_in_new_orders(row_grouped):
+    path, catalog = row_grouped
+    upper = lambda chunk: {**chunk, "query": tf.strings.upper(chunk["query"])}  # noqa: E731
+    ds = ImpressionPipeline([path], catalog).dataset(5, training=True, shuffle_buffer=10 * 256, seed=1, repeat=True,
+                                                    cache="", chunk_fn=upper)
+    rows = _queries(ds.take(3 * N_ROWS // 5))  # three passes' worth of rows
+    counts = collections.Counter(rows)
+    assert set(counts) == {f"QUERY {k}" for k in range(N_ROWS)}  # chunk_fn ran; every row came back
+    assert max(counts.values()) <= 4  # the shuffle buffer only mixes neighbouring passes
+    assert rows[:N_ROWS] != rows[N_ROWS : 2 * N_ROWS]  # passes are not replayed in one order

@@ -163,7 +163,8 @@ def test_featurizing_in_the_pipeline_gives_the_same_vectors(data_dir):
 
 def test_bf16_mixed_precision_trains_with_float32_scores(data_dir, tmp_path):
     config = load_config(None, SMALL + ["train.mixed_precision=bf16", "train.epochs=1", "train.steps_per_epoch=5",
-                                        "train.validation_steps=2", "train.featurize_in_pipeline=true"])
+                                        "train.validation_steps=2", "train.featurize_in_pipeline=true",
+                                        "train.cache=none"])
     history = train(config, data_dir, str(tmp_path / "run"), verbose=0)
     assert np.isfinite(history["loss"][0]) and np.isfinite(history["val_loss"][0])
     assert tf.keras.mixed_precision.global_policy().name == "float32"  # restored after training

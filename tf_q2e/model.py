@@ -66,7 +66,7 @@ class Que2EngageModel(tfrs.Model):
         self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
         self.engagement_loss = tf.keras.metrics.Mean(name="engagement_loss")
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
-        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", from_logits=True, num_thresholds=500)
+        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", from_logits=True)
 
     def featurize(self, features: dict) -> dict:
         """Hashes the text features of a batch (for `dataset.map`; see `_Tower.featurize`)."""

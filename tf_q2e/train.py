@@ -41,6 +41,8 @@ from tf_q2e.model import Que2EngageModel
 from tf_q2e.optimizers import make_optimizer
 
 MIXED_PRECISION_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# train.cache: auto keeps a split in memory up to this many rows (about 2 KB a row once hashed).
+AUTO_CACHE_ROWS = 1_000_000
 
 
 def make_strategy(config: Config) -> tf.distribute.Strategy:
@@ -168,18 +170,26 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 
+    rows = {r.path: r.rows_kept for r in report.files}
+
+    def reading(split: str) -> dict:
+        """How a split is read: cached after the first pass (hashed first), or not."""
+        cached = t.cache == "memory" or (t.cache == "auto" and rows[splits[split]] <= AUTO_CACHE_ROWS)
+        hashed = cached or t.featurize_in_pipeline
+        return {"cache": "" if cached else None, "chunk_fn": model.featurize if hashed else None}
+
     def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
-        ds = pipeline.dataset(
-            batch, training=True, shuffle_buffer=t.shuffle_buffer, seed=t.seed, input_context=context, repeat=True
+        return pipeline.dataset(
+            batch, training=True, shuffle_buffer=t.shuffle_buffer, seed=t.seed, input_context=context, repeat=True,
+            **reading("train"),
         )
-        return _featurized(ds, model) if t.featurize_in_pipeline else ds
 
     def validation_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
         # Several replicas: equal batches on every replica (drops < one global batch).
-        ds = validation.dataset(batch, training=False, input_context=context, drop_remainder=replicas > 1)
-        return _featurized(ds, model) if t.featurize_in_pipeline else ds
+        return validation.dataset(batch, training=False, input_context=context, drop_remainder=replicas > 1,
+                                  **reading("validation"))
 
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
@@ -192,7 +202,6 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
                 monitor="val_engagement_auc", mode="max", patience=t.early_stopping_patience, restore_best_weights=True
             )
         )
-    rows = {r.path: r.rows_kept for r in report.files}
     steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
     validation_steps = t.validation_steps
     if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
@@ -213,11 +222,6 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
         json.dump(logs, f, indent=2)
     return logs
-
-
-def _featurized(ds: tf.data.Dataset, model: Que2EngageModel) -> tf.data.Dataset:
-    """Hashes text in the input pipeline, in parallel with the train step (same layers as serving)."""
-    return ds.map(model.featurize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 class EpochCheckpoints(tf.keras.callbacks.Callback):

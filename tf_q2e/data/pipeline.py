@@ -150,6 +150,8 @@ class ImpressionPipeline:
         cycle_length: int = 2,
         drop_remainder: bool | None = None,
         repeat: bool = False,
+        chunk_fn=None,
+        cache: str | None = None,
     ) -> tf.data.Dataset:
         """Batches of rows.
 
@@ -165,6 +167,12 @@ class ImpressionPipeline:
             (evaluation on several replicas wants True: equal batches everywhere).
           repeat: pass over the data forever (each pass in a new shuffled
             order), for `fit` with `steps_per_epoch`.
+          chunk_fn: a function applied to each chunk of rows before caching
+            and shuffling (e.g. `Que2EngageModel.featurize`).
+          cache: keep the chunks after the first pass: "" in memory, or a
+            file name prefix on disk; None reads and validates every pass.
+            Later passes shuffle the cached chunks (rows within a chunk stay
+            together, in the first pass's random order).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be at least 1")
@@ -179,7 +187,7 @@ class ImpressionPipeline:
         ds = tf.data.Dataset.from_tensor_slices(indices)
         if training:
             ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-        if repeat:
+        if repeat and cache is None:
             ds = ds.repeat()
         # Each read of a unit gets its own seed for the order of its rows (-1: file order).
         seeds = tf.data.Dataset.random(seed=seed).map(lambda r: r % (2**31)) if training else tf.data.Dataset.from_tensors(
@@ -190,11 +198,17 @@ class ImpressionPipeline:
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
+        if chunk_fn is not None:
+            ds = ds.map(chunk_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache is not None:
+            ds = ds.cache(cache)
+            if repeat:
+                ds = ds.repeat()
         drop = training if drop_remainder is None else drop_remainder
         if shard_rows:  # fewer units than pipelines: deal out rows
             return ds.unbatch().shard(num_pipelines, pipeline_id).batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
         if training and shuffle_buffer > 0:
-            ds = ds.shuffle(max(1, shuffle_buffer // CHUNK_ROWS), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(-(-shuffle_buffer // CHUNK_ROWS), seed=seed, reshuffle_each_iteration=True)
         return ds.rebatch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
 
