@@ -138,7 +138,6 @@ class TrainConfig:
         (MultiWorkerMirroredStrategy from TF_CONFIG).
       num_devices: mirrored only: how many devices; null = all GPUs.
       mixed_precision: `none`, `bf16` or `fp16` (scores and losses stay float32).
-      jit_compile: XLA-compile the train step (GPU).
       steps_per_execution: train steps per call of the compiled function
         (fewer round trips through Python; callbacks see every N-th step).
       featurize_in_pipeline: hash text in the `tf.data` pipeline instead of in
@@ -162,7 +161,6 @@ class TrainConfig:
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     num_devices: int | None = None
     mixed_precision: Literal["none", "bf16", "fp16"] = "none"
-    jit_compile: bool = False
     steps_per_execution: int = 10
     featurize_in_pipeline: bool = False
     cache: Literal["auto", "memory", "none"] = "auto"

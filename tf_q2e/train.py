@@ -164,7 +164,6 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
             model = build_model(config, pipeline.image_dim, context_columns, log_q)
             model.compile(
                 optimizer=make_optimizer(t.optimizer, t.learning_rate),
-                jit_compile=t.jit_compile,
                 steps_per_execution=t.steps_per_execution,
             )
     finally:
