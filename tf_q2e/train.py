@@ -18,6 +18,8 @@ Strategies (`train.strategy`): `default` (one device); `mirrored` (all GPUs, or
 multi-replica path is tested on CPU); `multi_worker`
 (`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`; only the chief
 writes the run directory, other workers write to `RUN/workers/<index>/`).
+Known issue: with two workers the first step fails in a collective (shape
+mismatch while reducing the tables' sparse gradients); one worker runs.
 """
 
 from __future__ import annotations
