@@ -18,8 +18,9 @@ Strategies (`train.strategy`): `default` (one device); `mirrored` (all GPUs, or
 multi-replica path is tested on CPU); `multi_worker`
 (`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`; only the chief
 writes the run directory, other workers write to `RUN/workers/<index>/`).
-Known issue: with two workers the first step fails in a collective (shape
-mismatch while reducing the tables' sparse gradients); one worker runs.
+Across workers each call runs one step (`steps_per_execution` is set to 1:
+with several steps per call the cross-worker reduction of the tables' sparse
+gradients failed with a collective shape mismatch).
 """
 
 from __future__ import annotations
@@ -113,6 +114,21 @@ def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...]
     return model
 
 
+def _steps_per_execution(t) -> int:
+    """`train.steps_per_execution`, except 1 across workers.
+
+    Under MultiWorkerMirroredStrategy, the collective that reduces the tables'
+    sparse gradients (padded to the longest worker's row count inside a
+    tf.cond) fails with a shape mismatch when it runs inside the loop of
+    several steps per execution; one step per call works.
+    """
+    if t.strategy == "multi_worker" and t.steps_per_execution != 1:
+        _log(f"train.steps_per_execution={t.steps_per_execution} -> 1: several steps per call break the "
+             "cross-worker reduction of sparse gradients")
+        return 1
+    return t.steps_per_execution
+
+
 def _is_chief(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -164,10 +180,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         with strategy.scope():
             log_q = product_log_frequencies(splits["train"]) if config.model.logq_correction else None
             model = build_model(config, pipeline.image_dim, context_columns, log_q)
-            model.compile(
-                optimizer=make_optimizer(t.optimizer, t.learning_rate),
-                steps_per_execution=t.steps_per_execution,
-            )
+            model.compile(optimizer=make_optimizer(t.optimizer, t.learning_rate), steps_per_execution=_steps_per_execution(t))
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 
