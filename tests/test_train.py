@@ -161,8 +161,9 @@ def test_featurizing_in_the_pipeline_gives_the_same_vectors(data_dir):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_bf16_mixed_precision_trains_with_float32_scores(data_dir, tmp_path):
-    config = load_config(None, SMALL + ["train.mixed_precision=bf16", "train.epochs=1", "train.steps_per_epoch=5",
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_float32_scores(data_dir, tmp_path, precision):
+    config = load_config(None, SMALL + [f"train.mixed_precision={precision}", "train.epochs=1", "train.steps_per_epoch=5",
                                         "train.validation_steps=2", "train.featurize_in_pipeline=true",
                                         "train.cache=none"])
     history = train(config, data_dir, str(tmp_path / "run"), verbose=0)
