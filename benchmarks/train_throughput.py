@@ -46,7 +46,7 @@ from tf_q2e.data.pipeline import ImpressionPipeline  # noqa: E402
 from tf_q2e.data.synth import generate  # noqa: E402
 from tf_q2e.data.validate import dataset_files  # noqa: E402
 from tf_q2e.optimizers import make_optimizer  # noqa: E402
-from tf_q2e.train import AUTO_CACHE_ROWS, build_model  # noqa: E402
+from tf_q2e.train import build_model, split_reading  # noqa: E402
 
 
 CACHED_BATCHES = 20
@@ -107,13 +107,12 @@ def main(argv=None) -> int:
 
         # 1. The train step alone, on the same in-memory batches.
         q2e = build_model(config, pipeline.image_dim, context_columns)
-        # As in training: text hashed in the pipeline when cached or featurize_in_pipeline, else in the step.
+        # As in training: text hashed in the pipeline when train.py would, else in the step.
         rows = pq.ParquetFile(splits["train"]).metadata.num_rows
-        cached = config.train.cache == "memory" or (config.train.cache == "auto" and rows <= AUTO_CACHE_ROWS)
-        hashed = cached or config.train.featurize_in_pipeline
-        featurize = q2e.featurize if hashed else (lambda batch: batch)
-        cached = iter(pipeline.dataset(batch_size, training=True, shuffle_buffer=20_000, seed=0)
-                      .take(CACHED_BATCHES).map(featurize).cache().repeat().prefetch(2))
+        reading = split_reading(config.train, rows, q2e)
+        featurize = reading["chunk_fn"] or (lambda batch: batch)
+        batches = iter(pipeline.dataset(batch_size, training=True, shuffle_buffer=20_000, seed=0)
+                       .take(CACHED_BATCHES).map(featurize).cache().repeat().prefetch(2))
         q2e.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate))
         plain = PlainRetrieval(q2e.query_tower.__class__(config.features, config.model, context_columns, name="query_tower"),
                                q2e.product_tower.__class__(config.features, config.model, pipeline.image_dim, name="product_tower"),
@@ -121,11 +120,11 @@ def main(argv=None) -> int:
         plain.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate))
         for model in (q2e, plain):
             model.make_train_function()
-            _time_steps(model, cached, CACHED_BATCHES)  # trace, warm up, fill the cache
+            _time_steps(model, batches, CACHED_BATCHES)  # trace, warm up, fill the cache
         times = {"que2engage": [], "plain_retrieval": []}
         for _ in range(args.blocks):
-            times["que2engage"].append(_time_steps(q2e, cached, args.steps))
-            times["plain_retrieval"].append(_time_steps(plain, cached, args.steps))
+            times["que2engage"].append(_time_steps(q2e, batches, args.steps))
+            times["plain_retrieval"].append(_time_steps(plain, batches, args.steps))
         step = {k: statistics.median(v) for k, v in times.items()}
         ratio = step["que2engage"] / step["plain_retrieval"]
         print("\ntrain step on in-memory batches (median of blocks):")
@@ -138,15 +137,16 @@ def main(argv=None) -> int:
         fit_model = build_model(config, pipeline.image_dim, context_columns)
         fit_model.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate),
                           steps_per_execution=config.train.steps_per_execution)
+        reading = split_reading(config.train, rows, fit_model)
         data = pipeline.dataset(batch_size, training=True, shuffle_buffer=config.train.shuffle_buffer, seed=0, repeat=True,
-                                cache="" if cached else None, chunk_fn=fit_model.featurize if hashed else None)
+                                **reading)
         epoch_steps = args.fit_steps or rows // batch_size
         timer = EpochTimer()
         fit_model.fit(data, epochs=2, steps_per_epoch=epoch_steps, verbose=0, callbacks=[timer])
         fit_rates = [epoch_steps * batch_size / seconds for seconds in timer.seconds]
         print(f"\nmodel.fit end to end ({rows:,} rows, {epoch_steps} steps an epoch, steps_per_execution "
-              f"{config.train.steps_per_execution}, cache {'memory' if cached else 'none'}, text hashed "
-              f"{'in the pipeline' if hashed else 'in the step'}):")
+              f"{config.train.steps_per_execution}, cache {'none' if reading['cache'] is None else 'memory'}, text hashed "
+              f"{'in the step' if reading['chunk_fn'] is None else 'in the pipeline'}):")
         for epoch, rate in enumerate(fit_rates, start=1):
             print(f"  epoch {epoch}: {rate:,.0f} examples/s")
 

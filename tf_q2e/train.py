@@ -114,6 +114,17 @@ def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...]
     return model
 
 
+def split_reading(t, rows: int, model: Que2EngageModel) -> dict:
+    """`ImpressionPipeline.dataset` arguments for a split of `rows` rows under `train` config `t`.
+
+    Cached in memory after the first pass (`train.cache`), with the text hashed
+    before caching; else hashed in the pipeline only with `featurize_in_pipeline`.
+    """
+    cached = t.cache == "memory" or (t.cache == "auto" and rows <= AUTO_CACHE_ROWS)
+    hashed = cached or t.featurize_in_pipeline
+    return {"cache": "" if cached else None, "chunk_fn": model.featurize if hashed else None}
+
+
 def _steps_per_execution(t) -> int:
     """`train.steps_per_execution`, except 1 across workers.
 
@@ -165,7 +176,8 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
 
     pipeline = ImpressionPipeline([splits["train"]], catalog, on_bad_rows=config.data.on_bad_rows, image_dim=config.data.image_dim)
     validation = (
-        ImpressionPipeline([splits["validation"]], catalog, on_bad_rows=config.data.on_bad_rows, image_dim=pipeline.image_dim or None)
+        ImpressionPipeline([splits["validation"]], pipeline.products, on_bad_rows=config.data.on_bad_rows,
+                           image_dim=pipeline.image_dim or None)
         if "validation" in splits
         else None
     )
@@ -187,10 +199,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     rows = {r.path: r.rows_kept for r in report.files}
 
     def reading(split: str) -> dict:
-        """How a split is read: cached after the first pass (hashed first), or not."""
-        cached = t.cache == "memory" or (t.cache == "auto" and rows[splits[split]] <= AUTO_CACHE_ROWS)
-        hashed = cached or t.featurize_in_pipeline
-        return {"cache": "" if cached else None, "chunk_fn": model.featurize if hashed else None}
+        return split_reading(t, rows[splits[split]], model)
 
     def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)

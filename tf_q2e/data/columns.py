@@ -60,9 +60,9 @@ def _is_utf8(value: bytes) -> bool:
 
 def _text_cells(column: pa.Array, name: str, flag) -> pa.Array:
     """Text cells (from CSV) as a string array; non-UTF-8 cells flagged and nulled."""
-    return to_string(column, "", name, required=False, flag=flag) if not (
-        pa.types.is_string(column.type)
-    ) else column
+    if pa.types.is_string(column.type):
+        return column
+    return to_string(column, "", name, required=False, flag=flag)
 
 
 def to_label(column: pa.Array, path: str, flag) -> pa.Array:

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format, parquet_row_groups
+from tf_q2e.data.products import ProductReference
 from tf_q2e.data.validate import Validator, dataset_files
 from tf_q2e.errors import DataError
 
@@ -70,8 +71,9 @@ class ImpressionPipeline:
 
     Args:
       files: impression files (any supported format); Parquet is streamed by row group.
-      catalog: the catalogue file; when given, impression rows are checked
-        against it (unknown product, conflicting fields).
+      catalog: the catalogue file, or the `products` of another pipeline over
+        the same catalogue (read once, shared); when given, impression rows are
+        checked against it (unknown product, conflicting fields).
       on_bad_rows: "error" raises `DataError` at a bad row; "skip" drops it
         (run `q2e validate` or `validate_dataset` first to record what is dropped).
       image_dim: expected image embedding length (None: as in the data).
@@ -81,7 +83,7 @@ class ImpressionPipeline:
     def __init__(
         self,
         files: list[str],
-        catalog: str | None = None,
+        catalog: str | ProductReference | None = None,
         on_bad_rows: str = "error",
         image_dim: int | None = None,
         with_relevance: bool = False,
@@ -92,7 +94,9 @@ class ImpressionPipeline:
         self.on_bad_rows = on_bad_rows
         self.with_relevance = with_relevance
         self._template = Validator(on_bad_rows=on_bad_rows, image_dim=image_dim)
-        if catalog is not None:
+        if isinstance(catalog, ProductReference):
+            self._template.products = catalog
+        elif catalog is not None:
             self._template.load_catalog(catalog)
         # Fix the context columns and the image length from the first file.
         first_rows = next(self._template.iter_file(self.files[0], "impressions", batch_rows=64), None)
@@ -101,6 +105,11 @@ class ImpressionPipeline:
         self.columns = [c for c in first_rows.column_names if with_relevance or c != S.RELEVANCE]
         self.image_dim = self._template.image_dim if S.PRODUCT_IMAGE_EMBEDDING in self.columns else 0
         self.units = _units(self.files)
+
+    @property
+    def products(self) -> ProductReference:
+        """The catalogue's products as read by this pipeline (frozen when a catalogue was given)."""
+        return self._template.products
 
     @property
     def element_spec(self) -> dict[str, tf.TensorSpec]:
@@ -121,9 +130,8 @@ class ImpressionPipeline:
         v = Validator(on_bad_rows=self.on_bad_rows, image_dim=self._template.image_dim,
                       context_columns=self._template.context_columns)
         v.has_image = self._template.has_image
-        v.products = self._template.products  # read-only once frozen: shared across threads
-        if not v.products.frozen:
-            v.products = type(v.products)()  # no catalogue: each unit checks itself
+        # A frozen catalogue is read-only, so threads share it; without one each unit checks itself.
+        v.products = self.products if self.products.frozen else ProductReference()
         return v
 
     def _read_unit(self, index, seed) -> "iter":
