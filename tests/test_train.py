@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,9 +57,11 @@ def test_training_lowers_validation_loss_and_learns_engagement(trained):
     assert history["recall_at_1"][-1] > history["recall_at_1"][0]
 
 
-def test_run_directory_records_the_run(trained):
+def test_run_directory_records_the_run(trained, data_dir):
     run, config, history = trained
-    assert load_config(os.path.join(run, "config.yaml")) == config
+    recorded_config = load_config(os.path.join(run, "config.yaml"))
+    assert recorded_config.data.dir == os.path.abspath(data_dir)  # q2e index finds the run's data set
+    assert recorded_config == dataclasses.replace(config, data=dataclasses.replace(config.data, dir=os.path.abspath(data_dir)))
     with open(os.path.join(run, "history.json"), encoding="utf-8") as f:
         recorded = json.load(f)
     assert recorded == history and len(recorded["loss"]) == 4

@@ -3,8 +3,8 @@
 Exit codes: 0 success, 2 bad usage, config or input (one clear line on stderr),
 1 any other failure.
 
-Verbs so far: `synth`, `prepare`, `validate`, `train`. The other verbs
-(`evaluate`, `index`, `export`, `serve`, `query`) arrive with their modules.
+Verbs: `synth`, `prepare`, `validate`, `train`, `index`, `export`, `serve`,
+`query`. `evaluate` and `compare` arrive with their module.
 """
 
 from __future__ import annotations
@@ -107,6 +107,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from tf_q2e.index import build_index
+
+    if args.target_recall is not None and not args.tune:
+        raise InputError("--target-recall needs --tune")
+    target = args.target_recall if args.target_recall is not None else 0.95
+    if not 0.0 < target <= 1.0:
+        raise InputError(f"--target-recall ({target}) must be in (0, 1]")
+    meta = build_index(args.run, args.catalog, target if args.tune else None, args.set)
+    scann = meta["scann"]
+    print(f"indexed {meta['products']} products ({meta['dim']}-d) into {os.path.join(args.run, 'index')}: "
+          f"ScaNN {scann['kind']}, leaves {scann['num_leaves']} (search {scann['leaves_to_search']}), reorder {scann['reorder']}; "
+          f"embed {meta['embed_seconds']:.1f} s, build {meta['build_seconds']:.1f} s")
+    if "tune" in meta:
+        chosen = meta["tune"]["chosen"]
+        print(f"tuned: recall@{meta['k']} {chosen['recall']:.3f} vs exact search, p50 {chosen['p50_ms']:.3f} ms "
+              f"({len(meta['tune']['tried'])} settings tried; see index.json)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tf_q2e.export import export_run
+
+    if args.k is not None and args.k < 1:
+        raise InputError(f"--k ({args.k}) must be at least 1")
+    result = export_run(args.run, args.out, args.name, args.k, scann=not args.no_scann)
+    print(f"exported version {result['version']} (k {result['k']}) to {args.out}: {', '.join(result['models'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q2e", description="Que2Engage product search: data, training, serving.")
     parser.add_argument("--version", action="version", version=f"tf_q2e {tf_q2e.__version__}")
@@ -119,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dim", type=int, default=16, help="length of the image-like embedding, 0 for none (default 16)")
     p.add_argument("--ground-truth-queries", type=int, default=1000, help="test queries with ground truth in the manifest")
     p.add_argument("--out", required=True, help="output data set directory")
-    p.set_defaults(run=_synth)
+    p.set_defaults(handler=_synth)
 
     from tf_q2e.data.adapters import DATASETS
 
@@ -127,32 +157,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--input", required=True, help="the data set's file or directory, as published")
     p.add_argument("--out", required=True, help="output data set directory")
-    p.set_defaults(run=_prepare)
+    p.set_defaults(handler=_prepare)
 
     p = verbs.add_parser("validate", help="check a config and a data set")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--data", help="data set directory (overrides data.dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--report", help="also write the report as JSON to this file")
-    p.set_defaults(run=_validate)
+    p.set_defaults(handler=_validate)
 
     p = verbs.add_parser("train", help="train the two towers with model.fit")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--data", help="data set directory (overrides data.dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume a killed run)")
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
+
+    p = verbs.add_parser("index", help="embed the catalogue and build the ScaNN and exact indexes of a run")
+    p.add_argument("--run", required=True, help="a trained run directory")
+    p.add_argument("--catalog", help="catalogue file (default: the catalogue of the run's data set)")
+    p.add_argument("--tune", action="store_true", help="pick the fastest search options that reach --target-recall")
+    p.add_argument("--target-recall", type=float, help="recall@k against exact search that --tune must reach (default 0.95)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an index option (index.k=50)")
+    p.set_defaults(handler=_index)
+
+    p = verbs.add_parser("export", help="write the run's SavedModels into a TensorFlow Serving base directory")
+    p.add_argument("--run", required=True, help="a trained and indexed run directory")
+    p.add_argument("--out", required=True, help="TensorFlow Serving base directory (a new version is added)")
+    p.add_argument("--name", default="q2e", help="model name (default q2e; the ScaNN model is <name>_scann)")
+    p.add_argument("--k", type=int, help="products per query (default: index.k)")
+    p.add_argument("--no-scann", action="store_true", help="export the stock-op model only")
+    p.set_defaults(handler=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines drown the output
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
     try:
-        return args.run(args)
+        return args.handler(args)
     except InputError as e:
         print(f"q2e: error: {e}", file=sys.stderr)
         return 2

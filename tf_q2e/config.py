@@ -168,11 +168,51 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """How `q2e index` builds the catalogue index and what `q2e export` serves.
+
+    ScaNN's options are null by default: then they follow the catalogue size N
+    (`tf_q2e.index.ScannOptions.for_catalog`): exact (brute-force) scoring below
+    20,000 products; asymmetric hashing (AH) + exact reordering below 100,000;
+    above, a partitioning tree with about sqrt(N) leaves + AH + reordering.
+    `q2e index --tune` picks the search-time options (`leaves_to_search`,
+    `reorder`) that reach a target recall fastest.
+
+    Attributes:
+      k: products returned per query by the exported retrieval signatures.
+      batch_size: products per call of the product tower while embedding.
+      kind: `auto`, `brute_force`, `ah` (AH + reordering) or `tree_ah`.
+      num_leaves: tree leaves (partitions); null = about sqrt(N).
+      leaves_to_search: leaves searched per query; null = a tenth of the leaves.
+      training_sample_size: vectors that train the tree and the AH codebooks;
+        null = min(N, 100,000).
+      dimensions_per_block: AH: dimensions per 4-bit code (2 is ScaNN's usual).
+      anisotropic_quantization_threshold: AH: the inner product above which
+        quantization error counts most (ScaNN's recommended 0.2 for unit vectors).
+      reorder: candidates rescored exactly before the top k is taken;
+        null = max(10 * k, 200), at most N.
+      tune_queries: queries sampled by `--tune` (from the validation split).
+    """
+
+    k: int = 100
+    batch_size: int = 4096
+    kind: Literal["auto", "brute_force", "ah", "tree_ah"] = "auto"
+    num_leaves: int | None = None
+    leaves_to_search: int | None = None
+    training_sample_size: int | None = None
+    dimensions_per_block: int = 2
+    anisotropic_quantization_threshold: float = 0.2
+    reorder: int | None = None
+    tune_queries: int = 1000
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,6 +259,16 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"model.modality_dropout has an unknown modality {name!r}; {hint}")
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"model.modality_dropout.{name} ({p}) must be in [0, 1)")
+    x = cfg.index
+    for name in ("k", "batch_size", "num_leaves", "leaves_to_search", "training_sample_size", "dimensions_per_block",
+                 "reorder", "tune_queries"):
+        value = getattr(x, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"index.{name} ({value}) must be at least 1")
+    if x.num_leaves is not None and x.leaves_to_search is not None and x.leaves_to_search > x.num_leaves:
+        raise ConfigError(f"index.leaves_to_search ({x.leaves_to_search}) must not exceed index.num_leaves ({x.num_leaves})")
+    if x.reorder is not None and x.reorder < x.k:
+        raise ConfigError(f"index.reorder ({x.reorder}) must be at least index.k ({x.k}): the top k comes from the reordered candidates")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -25,6 +25,7 @@ gradients failed with a collective shape mismatch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format
 from tf_q2e.data.pipeline import ImpressionPipeline
 from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
-from tf_q2e.errors import ConfigError, DataError
+from tf_q2e.errors import ConfigError, DataError, InputError
 from tf_q2e.model import Que2EngageModel
 from tf_q2e.optimizers import make_optimizer
 
@@ -150,7 +151,12 @@ def _is_chief(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
 
 
 def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = None) -> dict:
-    """Trains the model on `data_dir` and writes `run_dir`; returns the Keras history dict."""
+    """Trains the model on `data_dir` and writes `run_dir`; returns the Keras history dict.
+
+    The run's `config.yaml` records `data.dir` as the absolute `data_dir`, so
+    later commands (`q2e index`) find the data set the run was trained on.
+    """
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=os.path.abspath(data_dir)))
     t = config.train
     strategy = make_strategy(config)  # first: logical devices must precede any TF op
     replicas = strategy.num_replicas_in_sync
@@ -262,11 +268,19 @@ class EpochCheckpoints(tf.keras.callbacks.Callback):
         self.manager.save(checkpoint_number=epoch + 1)
 
 
-def load_model(run_dir: str, weights: str | None = None) -> Que2EngageModel:
-    """The trained model of a run directory (the final weights, or a given checkpoint)."""
+def load_model(run_dir: str, weights: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Que2EngageModel:
+    """The trained model of a run directory (the final weights, or a given checkpoint).
+
+    `overrides` (`--set` items) change the run's recorded config, e.g. its
+    `index` section; the model's shape comes from the run and must not change.
+    """
     from tf_q2e.config import load_config
 
-    config = load_config(os.path.join(run_dir, "config.yaml"))
+    missing = [name for name in ("config.yaml", "model.json", os.path.join("model", "weights.index"))
+               if not os.path.exists(os.path.join(run_dir, name))]
+    if missing and weights is None:
+        raise InputError(f"{run_dir}: not a trained run ({', '.join(missing)} missing); train one with q2e train --out {run_dir}")
+    config = load_config(os.path.join(run_dir, "config.yaml"), overrides)
     with open(os.path.join(run_dir, "model.json"), encoding="utf-8") as f:
         meta = json.load(f)
     model = build_model(config, meta["image_dim"], tuple(meta["context_columns"]))

@@ -141,7 +141,7 @@ class ImpressionPipeline:
         validator = self._validator()
         rng = np.random.default_rng(int(seed)) if seed >= 0 else None
         for table in validator.iter_file(unit.path, "impressions", **kwargs):
-            arrays = _to_numpy(table, self.columns, self.image_dim)
+            arrays = table_to_numpy(table, self.columns, self.image_dim)
             if rng is not None:
                 order = rng.permutation(table.num_rows)
                 arrays = {k: v[order] for k, v in arrays.items()}
@@ -220,7 +220,8 @@ class ImpressionPipeline:
         return ds.rebatch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
 
-def _to_numpy(table: pa.Table, columns: list[str], image_dim: int) -> dict[str, np.ndarray]:
+def table_to_numpy(table: pa.Table, columns: list[str], image_dim: int) -> dict[str, np.ndarray]:
+    """The `columns` of a canonical table as NumPy arrays (text as object, embeddings [N, image_dim] float32)."""
     out = {}
     for c in columns:
         column = table.column(c)

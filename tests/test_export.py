@@ -1,0 +1,245 @@
+"""Index and export: ScaNN vs exact search, SavedModels in TF Serving's layout, warm-up, versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_q2e.cli import main
+from tf_q2e.config import load_config
+from tf_q2e.data.synth import generate
+from tf_q2e.export import MODELS_CONFIG, STOCK_MODELS_CONFIG, WARMUP_FILE, export_run
+from tf_q2e.index import PAD_SCORE, ScannOptions, build_index, exact_top_k, load_index, recall_at_k
+from tf_q2e.train import load_model, train
+
+TINY = [
+    "features.buckets=2048",
+    "features.category_buckets=64",
+    "features.context_buckets=32",
+    "features.max_words=16",
+    "model.embedding_dim=16",
+    "model.text_embedding_dim=16",
+    "model.hidden_dim=16",
+    "train.global_batch_size=128",
+    "train.shuffle_buffer=1000",
+    "train.learning_rate=0.01",
+    "train.early_stopping_patience=0",
+    "train.steps_per_execution=1",
+    "train.epochs=1",
+    "train.steps_per_epoch=15",
+    "train.validation_steps=2",
+    "index.k=10",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("data"))
+    generate(data, products=600, impressions=4000, seed=5, image_dim=4, ground_truth_queries=5)
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    train(load_config(None, TINY), data, run_dir, verbose=0)
+    # AH + reordering (not the brute force that 600 products get by default), tuned.
+    build_index(run_dir, tune_recall=0.9, overrides=["index.kind=ah", "index.tune_queries=100"], log=lambda _: None)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("base"))
+    result = export_run(run, base, "q2e", log=lambda _: None)
+    return base, result
+
+
+def _query_inputs(texts):
+    return {"query": tf.constant(texts), "query_country": tf.constant(["US"] * len(texts))}
+
+
+QUERIES = ["brown couch", "mountain bike red", "lamp", "kids shoes size 4"]
+
+
+def test_index_records_options_tuning_and_products(run):
+    index = load_index(run)
+    meta = index.meta
+    assert meta["products"] == len(index.product_ids) == len(index.vectors) == 600
+    assert index.options.kind == "ah" and index.options.reorder >= meta["k"] == 10
+    np.testing.assert_allclose(np.linalg.norm(index.vectors, axis=1), 1.0, atol=1e-5)
+    chosen = meta["tune"]["chosen"]
+    assert chosen["meets_target"] and chosen["recall"] >= 0.9
+    assert chosen["reorder"] == index.options.reorder
+    assert meta["tune"]["query_source"] == "validation.parquet queries"
+    # The fastest-or-least-work rule: no setting that met the target does less work and is faster.
+    assert len(meta["tune"]["tried"]) >= 3
+
+
+def test_index_vectors_are_the_product_tower_of_the_catalogue(run):
+    index = load_index(run)
+    model = load_model(run)
+    import pyarrow.parquet as pq
+
+    catalog = pq.read_table(os.path.join(model.config.data.dir, "catalog.parquet")).slice(0, 5).to_pydict()
+    features = {c: tf.constant(catalog[c]) for c in ("product_title", "product_description", "product_category")}
+    features["product_image_embedding"] = tf.constant(catalog["product_image_embedding"], tf.float32)
+    np.testing.assert_allclose(model.product_tower(features).numpy(), index.vectors[:5], atol=1e-5)
+    assert list(index.product_ids[:5]) == catalog["product_id"]
+
+
+def test_scann_recall_at_10_against_exact_search(run):
+    index = load_index(run)
+    model = load_model(run)
+    from tf_q2e.index import SearchTimer, build_searcher
+
+    queries = model.query_tower(_query_inputs([str(t) for t in index.titles[:200]])).numpy()
+    searcher = build_searcher(index.vectors, index.options, 10)
+    found = SearchTimer(searcher, 10).indices(queries, index.options)
+    _, truth = exact_top_k(index.vectors, queries, 10)
+    assert recall_at_k(found, truth) >= 0.9
+    assert recall_at_k(truth, truth) == 1.0
+
+
+def test_saved_models_match_the_in_memory_model(run, exported):
+    base, result = exported
+    model = load_model(run)
+    index = load_index(run)
+    stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))
+    assert set(stock.signatures) == {"query_encoder", "product_encoder", "retrieval_exact", "serving_default"}
+    inputs = _query_inputs(QUERIES)
+    expected = model.query_tower(inputs).numpy()
+    np.testing.assert_allclose(stock.signatures["query_encoder"](**inputs)["embedding"].numpy(), expected, atol=1e-5)
+    products = {"product_title": tf.constant(["blue sofa bed"]), "product_description": tf.constant([""]),
+                "product_category": tf.constant(["sofa"]), "product_image_embedding": tf.zeros([1, 4])}
+    np.testing.assert_allclose(stock.signatures["product_encoder"](**products)["embedding"].numpy(),
+                               model.product_tower(products).numpy(), atol=1e-5)
+
+    exact = stock.signatures["retrieval_exact"](**inputs)
+    scores, rows = exact_top_k(index.vectors, expected, result["k"])
+    assert exact["product_ids"].shape == (len(QUERIES), 10)
+    assert [[p.decode() for p in row] for row in exact["product_ids"].numpy()] == index.product_ids[rows].tolist()
+    assert [[t.decode() for t in row] for row in exact["product_titles"].numpy()] == index.titles[rows].tolist()
+    np.testing.assert_allclose(exact["scores"].numpy(), scores, atol=1e-5)
+
+    import scann  # noqa: F401
+
+    scann_model = tf.saved_model.load(os.path.join(base, "q2e_scann", "1"))
+    found = scann_model.signatures["retrieval"](**inputs)
+    assert not np.isnan(found["scores"].numpy()).any()
+    ids = found["product_ids"].numpy()
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact["product_ids"].numpy())])
+    assert overlap >= 0.9
+    assert np.all(np.diff(found["scores"].numpy(), axis=1) <= 1e-6)  # best first
+
+
+def test_stock_model_loads_in_a_process_that_never_imports_scann(exported):
+    base, _ = exported
+    script = f"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+m = tf.saved_model.load({os.path.join(base, "q2e", "1")!r})
+q = dict(query=tf.constant(["red lamp"]), query_country=tf.constant([""]))
+print(m.signatures["query_encoder"](**q)["embedding"].shape[1])
+print(m.signatures["retrieval_exact"](**q)["product_ids"].shape[1])
+p = dict(product_title=tf.constant(["lamp"]), product_description=tf.constant([""]), product_category=tf.constant([""]),
+         product_image_embedding=tf.zeros([1, 4]))
+print(m.signatures["product_encoder"](**p)["embedding"].shape[1])
+print("scann" in sys.modules, any(name.startswith("tf_q2e") for name in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["16", "10", "16", "False", "False"]
+
+
+def test_layout_models_config_and_warmup(exported):
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import prediction_log_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    base, result = exported
+    assert result["version"] == 1
+    assert sorted(os.listdir(base)) == sorted(["q2e", "q2e_scann", MODELS_CONFIG, STOCK_MODELS_CONFIG])
+    assert os.listdir(os.path.join(base, "q2e")) == ["1"]  # no temporary directory left behind
+    for name, expected in ((MODELS_CONFIG, ["q2e", "q2e_scann"]), (STOCK_MODELS_CONFIG, ["q2e"])):
+        config = model_server_config_pb2.ModelServerConfig()
+        with open(os.path.join(base, name)) as f:
+            text_format.Parse(f.read(), config)
+        entries = config.model_config_list.config
+        assert [e.name for e in entries] == expected
+        assert all(e.base_path == os.path.join(os.path.abspath(base), e.name) and e.model_platform == "tensorflow" for e in entries)
+
+    stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))
+    records = list(tf.data.TFRecordDataset(os.path.join(base, "q2e", "1", WARMUP_FILE)).as_numpy_iterator())
+    signatures = []
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record)
+        request = log.predict_log.request
+        assert request.model_spec.name == "q2e"
+        signatures.append(request.model_spec.signature_name)
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        outputs = stock.signatures[request.model_spec.signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        assert all(v.shape[0] == 3 for v in outputs.values())
+    assert signatures == ["query_encoder", "product_encoder", "retrieval_exact"]
+
+
+def test_a_second_export_adds_version_2_and_keeps_version_1(run, exported, tmp_path):
+    base, _ = exported
+    before = os.path.getmtime(os.path.join(base, "q2e", "1", "saved_model.pb"))
+    result = export_run(run, base, "q2e", k=5, scann=False, log=lambda _: None)
+    assert result["version"] == 2 and result["k"] == 5
+    assert sorted(os.listdir(os.path.join(base, "q2e"))) == ["1", "2"]
+    assert os.path.getmtime(os.path.join(base, "q2e", "1", "saved_model.pb")) == before
+    stock = tf.saved_model.load(os.path.join(base, "q2e", "2"))
+    assert stock.signatures["retrieval_exact"](**_query_inputs(["lamp"]))["scores"].shape == (1, 5)
+
+
+def test_short_scann_results_are_filled_not_nan(run, tmp_path):
+    """A tree searched in one small leaf finds fewer than k products: the places get "" and PAD_SCORE."""
+    import scann  # noqa: F401
+    from tf_q2e.index import ScannTopK, build_searcher
+
+    index = load_index(run)
+    options = ScannOptions("tree_ah", num_leaves=60, leaves_to_search=1, training_sample_size=600, reorder=50)
+    searcher = build_searcher(index.vectors, options, 50)
+    layer = ScannTopK(searcher.serialize_to_module(), list(index.product_ids), options, k=50)
+    scores, ids = layer(tf.constant(index.vectors[:4]))
+    scores, ids = scores.numpy(), ids.numpy()
+    assert not np.isnan(scores).any()
+    short = ids == b""
+    assert short.any(), "one leaf of ~10 products should leave places empty"
+    assert np.all(scores[short] == PAD_SCORE) and np.all(scores[~short] > PAD_SCORE)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first, the padding last
+
+
+def test_cli_index_and_export_errors(run, tmp_path, capsys):
+    assert main(["index", "--run", str(tmp_path / "missing")]) == 2
+    assert "not a trained run" in capsys.readouterr().err
+    assert main(["index", "--run", run, "--target-recall", "0.9"]) == 2
+    assert "--target-recall needs --tune" in capsys.readouterr().err
+    assert main(["index", "--run", run, "--tune", "--target-recall", "1.5"]) == 2
+    assert main(["index", "--run", run, "--set", "index.k=0"]) == 2
+    assert "index.k (0) must be at least 1" in capsys.readouterr().err
+    assert main(["export", "--run", run, "--out", str(tmp_path / "b"), "--name", "../up"]) == 2
+    assert "model name" in capsys.readouterr().err
+    assert main(["export", "--run", run, "--out", str(tmp_path / "b"), "--k", "0"]) == 2
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.yaml", "model.json"):
+        (bare / name).write_bytes(open(os.path.join(run, name), "rb").read())
+    os.makedirs(bare / "model")
+    for name in os.listdir(os.path.join(run, "model")):
+        (bare / "model" / name).write_bytes(open(os.path.join(run, "model", name), "rb").read())
+    assert main(["export", "--run", str(bare), "--out", str(tmp_path / "b")]) == 2
+    assert "run q2e index" in capsys.readouterr().err
+
+
+def test_cli_index_reports_a_bad_catalogue_row(run, tmp_path, capsys):
+    catalog = tmp_path / "catalog.jsonl"
+    rows = [{"product_id": "A", "product_title": "good lamp"}, {"product_id": "B", "product_title": ""}]
+    catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["index", "--run", run, "--catalog", str(catalog)]) == 2
+    err = capsys.readouterr().err
+    assert "catalog.jsonl" in err and "row 2" in err and "product_title" in err

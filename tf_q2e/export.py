@@ -1,0 +1,268 @@
+"""SavedModels of a trained run in TensorFlow Serving's layout.
+
+`export_run(run_dir, base)` writes one version of two models:
+
+    BASE/<name>/<version>/        stock TensorFlow ops only (serves on the stock
+                                  tensorflow/serving image):
+                                    query_encoder, product_encoder, retrieval_exact
+                                    (serving_default = retrieval_exact)
+    BASE/<name>_scann/<version>/  ScaNN's ops (`Scann>...`): retrieval
+                                  (serving_default = retrieval); loads only where
+                                  ScaNN's op library is linked in or loaded
+    BASE/models.config            every model (a ModelServerConfig, text format)
+    BASE/models.stock.config      the stock-op models only (for the stock image)
+
+Signatures take raw strings; the towers hash text in the graph, exactly as in
+training:
+
+    query_encoder:    query [B] string (+ each query_<context> [B] string)
+                      -> embedding [B, D] float32 (unit vectors)
+    product_encoder:  product_title, product_description, product_category
+                      [B] string (+ product_image_embedding [B, I] float32)
+                      -> embedding [B, D] float32
+    retrieval, retrieval_exact: the query inputs
+                      -> product_ids [B, K] string, scores [B, K] float32
+                         (cosine, best first), product_titles [B, K] string
+
+K is fixed per export (`index.k`, at most the catalogue size). Where ScaNN
+finds fewer than K products (it pads with NaN), the places hold product id ""
+and score -2.0 (`tf_q2e.index.PAD_SCORE`, below every cosine): outputs never
+contain NaN. `retrieval_exact` scores the whole catalogue in the graph.
+
+Versions are integers, one more than the newest under BASE, the same for both
+models. Each is written into a temporary directory `BASE/<name>/.tmp-...`
+(TensorFlow Serving ignores names that are not integers) and renamed into
+place, so a server never sees half a version. Each carries warm-up requests in
+`assets.extra/tf_serving_warmup_requests` (TFRecord of `PredictionLog`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+from tf_q2e.data import schema as S
+from tf_q2e.errors import InputError
+from tf_q2e.index import Index, ScannTopK, catalog_columns, gather_or_empty, load_index
+
+SCANN_SUFFIX = "_scann"
+MODELS_CONFIG = "models.config"
+STOCK_MODELS_CONFIG = "models.stock.config"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+STOCK_SIGNATURES = ("query_encoder", "product_encoder", "retrieval_exact")
+SCANN_SIGNATURES = ("retrieval",)
+
+
+def query_spec(context_columns: tuple[str, ...]) -> dict[str, tf.TensorSpec]:
+    return {c: tf.TensorSpec([None], tf.string, name=c) for c in (S.QUERY, *context_columns)}
+
+
+def product_spec(image_dim: int) -> dict[str, tf.TensorSpec]:
+    spec = {c: tf.TensorSpec([None], tf.string, name=c) for c in catalog_columns(0)[1:]}
+    if image_dim:
+        spec[S.PRODUCT_IMAGE_EMBEDDING] = tf.TensorSpec([None, image_dim], tf.float32, name=S.PRODUCT_IMAGE_EMBEDDING)
+    return spec
+
+
+def _strings(values: np.ndarray) -> tf.Variable:
+    return tf.Variable(tf.constant([str(v) for v in values], tf.string), trainable=False)
+
+
+class StockModule(tf.Module):
+    """The towers and an in-graph brute-force index: stock ops only."""
+
+    def __init__(self, model, index: Index, k: int):
+        super().__init__(name="q2e")
+        self.query_tower = model.query_tower
+        self.product_tower = model.product_tower
+        self.vectors = tf.Variable(index.vectors, trainable=False, name="product_vectors")
+        self.product_ids = _strings(index.product_ids)
+        self.titles = _strings(index.titles)
+        self.k = k
+        self.query_spec = query_spec(model.context_columns)
+        self.product_spec = product_spec(model.image_dim)
+
+    def signatures(self) -> dict:
+        @tf.function(input_signature=[self.query_spec])
+        def query_encoder(features):
+            return {"embedding": self.query_tower(features, training=False)}
+
+        @tf.function(input_signature=[self.product_spec])
+        def product_encoder(features):
+            return {"embedding": self.product_tower(features, training=False)}
+
+        @tf.function(input_signature=[self.query_spec])
+        def retrieval_exact(features):
+            queries = self.query_tower(features, training=False)
+            scores, indices = tf.math.top_k(tf.matmul(queries, self.vectors, transpose_b=True), k=self.k)
+            return _results(scores, indices, self.product_ids, self.titles)
+
+        return {"query_encoder": query_encoder, "product_encoder": product_encoder,
+                "retrieval_exact": retrieval_exact, "serving_default": retrieval_exact}
+
+
+class ScannModule(tf.Module):
+    """The query tower and ScaNN's searcher (`ScannTopK`): needs ScaNN's ops."""
+
+    def __init__(self, model, index: Index, k: int):
+        super().__init__(name="q2e_scann")
+        self.query_tower = model.query_tower
+        self.top_k = ScannTopK(index.load_scann_state(), [str(v) for v in index.product_ids], index.options, k=k)
+        self.titles = _strings(index.titles)
+        self.k = k
+        self.query_spec = query_spec(model.context_columns)
+
+    def signatures(self) -> dict:
+        @tf.function(input_signature=[self.query_spec])
+        def retrieval(features):
+            scores, indices = self.top_k.search_indices(self.query_tower(features, training=False), self.k)
+            return _results(scores, indices, self.top_k.identifiers, self.titles)
+
+        return {"retrieval": retrieval, "serving_default": retrieval}
+
+
+def _results(scores: tf.Tensor, indices: tf.Tensor, product_ids, titles) -> dict:
+    indices = tf.cast(indices, tf.int32)
+    return {"product_ids": gather_or_empty(product_ids, indices), "scores": scores,
+            "product_titles": gather_or_empty(titles, indices)}
+
+
+def next_version(base: str, names: list[str]) -> int:
+    """One more than the newest integer version of any of `names` under `base`."""
+    versions = [int(v) for name in names if os.path.isdir(os.path.join(base, name))
+                for v in os.listdir(os.path.join(base, name)) if v.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def check_model_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "_-" for c in name) or name[0] in "-_":
+        raise InputError(f"--name {name!r}: a model name is letters, digits, '_' and '-', starting with a letter or digit")
+    return name
+
+
+def warmup_requests(model_name: str, signatures: tuple[str, ...], queries: list[str], products: dict[str, np.ndarray],
+                    context_columns: tuple[str, ...]) -> list[bytes]:
+    """Serialized `PredictionLog` records: one `Predict` per signature, on real catalogue text."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    records = []
+    for signature in signatures:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = signature
+        if signature == "product_encoder":
+            inputs = products
+        else:
+            inputs = {S.QUERY: np.array(queries, dtype=object)}
+            inputs.update({c: np.array([""] * len(queries), dtype=object) for c in context_columns})
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+        records.append(log.SerializeToString())
+    return records
+
+
+def write_saved_model(module: tf.Module, base: str, name: str, version: int, warmup: list[bytes],
+                      options: tf.saved_model.SaveOptions | None = None) -> str:
+    """Saves `module` as `base/name/version`, atomically (temporary directory, then rename)."""
+    model_dir = os.path.join(base, name)
+    os.makedirs(model_dir, exist_ok=True)
+    final = os.path.join(model_dir, str(version))
+    if os.path.exists(final):
+        raise InputError(f"{final} exists already; versions are never overwritten")
+    tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        tf.saved_model.save(module, tmp, signatures=module.signatures(), options=options)
+        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+        with tf.io.TFRecordWriter(os.path.join(tmp, WARMUP_FILE)) as writer:
+            for record in warmup:
+                writer.write(record)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_models_config(base: str, names: list[str], path: str) -> None:
+    """A `ModelServerConfig` listing `names` (absolute base paths), written atomically."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in names:
+        entry = config.model_config_list.config.add()
+        entry.name = name
+        entry.base_path = os.path.abspath(os.path.join(base, name))
+        entry.model_platform = "tensorflow"
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text_format.MessageToString(config))
+    os.replace(tmp, path)
+
+
+def _config_models(path: str) -> list[str]:
+    """The model names already listed in a models.config (kept when another export adds its own)."""
+    if not os.path.exists(path):
+        return []
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    with open(path, encoding="utf-8") as f:
+        text_format.Parse(f.read(), config)
+    return [entry.name for entry in config.model_config_list.config]
+
+
+def export_run(run_dir: str, base: str, name: str = "q2e", k: int | None = None, scann: bool = True, log=None) -> dict:
+    """Exports a trained, indexed run as one new version under a TF Serving base directory.
+
+    Args:
+      run_dir: a run with an index (`q2e train`, then `q2e index`).
+      base: the TensorFlow Serving base directory (created if missing).
+      name: the stock model's name; the ScaNN model is `<name>_scann`.
+      k: products per query (default: the index's k; at most the catalogue size).
+      scann: also export the ScaNN model.
+      log: a function of one message line (default: stderr).
+
+    Returns `{"version": v, "models": {model name: path}, "k": k}`.
+    """
+    from tf_q2e.train import load_model
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    check_model_name(name)
+    index = load_index(run_dir)
+    model = load_model(run_dir)
+    n = len(index.product_ids)
+    k = min(k or index.meta["k"], n)
+    if k < 1:
+        raise InputError(f"--k ({k}) must be at least 1")
+    names = [name] + ([name + SCANN_SUFFIX] if scann else [])
+    os.makedirs(base, exist_ok=True)
+    version = next_version(base, names)
+    queries = [str(t) for t in index.titles[:3]]
+    products = {c: np.array([str(t) for t in index.titles[:3]] if c == S.PRODUCT_TITLE else [""] * len(queries), dtype=object)
+                for c in catalog_columns(0)[1:]}
+    if model.image_dim:
+        products[S.PRODUCT_IMAGE_EMBEDDING] = np.zeros((len(queries), model.image_dim), np.float32)
+    paths = {}
+    stock = StockModule(model, index, k)
+    paths[name] = write_saved_model(stock, base, name, version,
+                                    warmup_requests(name, STOCK_SIGNATURES, queries, products, model.context_columns))
+    log(f"wrote {paths[name]} ({', '.join(STOCK_SIGNATURES)}; stock ops)")
+    if scann:
+        scann_name = name + SCANN_SUFFIX
+        paths[scann_name] = write_saved_model(
+            ScannModule(model, index, k), base, scann_name, version,
+            warmup_requests(scann_name, SCANN_SIGNATURES, queries, products, model.context_columns),
+            options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
+        log(f"wrote {paths[scann_name]} (retrieval; ScaNN ops)")
+    every = list(dict.fromkeys(_config_models(os.path.join(base, MODELS_CONFIG)) + names))
+    write_models_config(base, every, os.path.join(base, MODELS_CONFIG))
+    stock_names = [m for m in every if not m.endswith(SCANN_SUFFIX)]
+    write_models_config(base, stock_names, os.path.join(base, STOCK_MODELS_CONFIG))
+    return {"version": version, "models": paths, "k": k}
