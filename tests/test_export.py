@@ -243,3 +243,21 @@ def test_cli_index_reports_a_bad_catalogue_row(run, tmp_path, capsys):
     assert main(["index", "--run", run, "--catalog", str(catalog)]) == 2
     err = capsys.readouterr().err
     assert "catalog.jsonl" in err and "row 2" in err and "product_title" in err
+
+
+def test_the_deployment_files_for_the_stock_image_parse():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = model_server_config_pb2.ModelServerConfig()
+    with open(os.path.join(repo, "export", "models.config")) as f:
+        text_format.Parse(f.read(), config)
+    assert [(e.name, e.base_path) for e in config.model_config_list.config] == [("q2e", "/models/q2e")]
+    import yaml
+
+    with open(os.path.join(repo, "export", "compose.yaml")) as f:
+        service = yaml.safe_load(f)["services"]["tfserving"]
+    assert service["image"] == "tensorflow/serving:2.20.0"
+    assert "--model_config_file=/config/models.config" in service["command"]
+    assert all(port.startswith("127.0.0.1:") for port in service["ports"])
