@@ -172,3 +172,24 @@ def test_mixed_precision_trains_with_float32_scores(data_dir, tmp_path, precisio
     history = train(config, data_dir, str(tmp_path / "run"), verbose=0)
     assert np.isfinite(history["loss"][0]) and np.isfinite(history["val_loss"][0])
     assert tf.keras.mixed_precision.global_policy().name == "float32"  # restored after training
+
+
+def test_xla_switch_compiles_the_dense_parts_with_the_same_loss_and_gradients(data_dir):
+    batch = next(iter(dataset_from_dir(data_dir, "train", 32, training=False)))
+    results = {}
+    for jit in (False, True):
+        tf.keras.utils.set_random_seed(0)
+        model = build_model(load_config(None, SMALL + [f"train.jit_compile={str(jit).lower()}"]), 4, ("query_country",))
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=False)
+        grads = tape.gradient(loss, model.trainable_variables)
+        results[jit] = (loss.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads], model)
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+    for with_xla, without in zip(results[True][1], results[False][1]):
+        np.testing.assert_allclose(with_xla, without, rtol=1e-4, atol=1e-6)
+
+    compiled, plain = results[True][2], results[False][2]
+    stacked = tf.zeros([2, len(compiled.query_tower.modality_names), 16])
+    assert "dot" in compiled.query_tower._head.experimental_get_compiler_ir(stacked)(stage="hlo")  # an XLA program
+    assert "dot" in compiled.product_tower.encoders["title"]._dense.experimental_get_compiler_ir(tf.zeros([2, 16]))(stage="hlo")
+    assert not hasattr(plain.query_tower._head, "experimental_get_compiler_ir")  # off by default: plain Python

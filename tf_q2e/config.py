@@ -148,6 +148,10 @@ class TrainConfig:
         (memory when a split has at most 1,000,000 rows; about 2 KB a row).
       early_stopping_patience: epochs without a better validation engagement
         AUC before stopping; 0 = never stop early.
+      jit_compile: XLA-compile the dense parts of the towers (modality MLPs,
+        fusion, normalisation) in training, for GPUs. Text hashing, the
+        embedding bags (`tf.unique`) and the losses stay outside XLA, which
+        cannot compile string ops; exported models never use XLA.
     """
 
     global_batch_size: int = 768
@@ -165,6 +169,7 @@ class TrainConfig:
     featurize_in_pipeline: bool = False
     cache: Literal["auto", "memory", "none"] = "auto"
     early_stopping_patience: int = 2
+    jit_compile: bool = False
 
 
 @dataclass(frozen=True)

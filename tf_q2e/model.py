@@ -37,6 +37,7 @@ class Que2EngageModel(tfrs.Model):
       product_log_q: for logQ correction, a `tf.lookup` table from product id
         to the log of its training frequency (`model.logq_correction`).
       seed: seed of modality dropout.
+      jit_compile: XLA-compile the towers' dense parts (`train.jit_compile`).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class Que2EngageModel(tfrs.Model):
         context_columns: tuple[str, ...] = (),
         product_log_q: tf.lookup.StaticHashTable | None = None,
         seed: int | None = None,
+        jit_compile: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,8 +58,8 @@ class Que2EngageModel(tfrs.Model):
         self.image_dim = image_dim
         self.context_columns = tuple(context_columns)
         shared = EmbeddingBag(f.buckets, m.text_embedding_dim, name="shared_text_bag") if m.share_text_tables else None
-        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, name="query_tower")
-        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, name="product_tower")
+        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, jit_compile=jit_compile, name="query_tower")
+        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, jit_compile=jit_compile, name="product_tower")
         self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
         self.engagement = EngagementBCE(m.scale, learned_bias=m.engagement_bias == "learned", name="engagement")
         self.engagement_weight = float(m.engagement_weight)

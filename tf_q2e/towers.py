@@ -72,19 +72,29 @@ def _mlp(hidden: int, out: int, name: str) -> tf.keras.Sequential:
     )
 
 
-class TextModality(tf.keras.layers.Layer):
-    """Raw text `[B]` → hashed n-grams → embedding bag → MLP → `[B, D]`."""
+def _compiled(fn, jit_compile: bool):
+    """`fn` as an XLA-compiled function when `jit_compile`, else `fn` itself."""
+    return tf.function(fn, jit_compile=True, reduce_retracing=True) if jit_compile else fn
 
-    def __init__(self, hasher: TextHasher, bag: EmbeddingBag, hidden_dim: int, output_dim: int, **kwargs):
+
+class TextModality(tf.keras.layers.Layer):
+    """Raw text `[B]` → hashed n-grams → embedding bag → MLP → `[B, D]`.
+
+    With `jit_compile` the MLP runs as an XLA cluster (hashing and the bag cannot).
+    """
+
+    def __init__(self, hasher: TextHasher, bag: EmbeddingBag, hidden_dim: int, output_dim: int,
+                 jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.hasher = hasher
         self.bag = bag
         self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
+        self._dense = _compiled(self.mlp.__call__, jit_compile)
 
     def call(self, text_or_ids) -> tf.Tensor:
         """Raw text `[B]`, or the hasher's ids `[B, None]` when featurized in the input pipeline."""
         ids = text_or_ids if isinstance(text_or_ids, tf.RaggedTensor) else self.hasher(text_or_ids)
-        return self.mlp(self.bag(ids))
+        return self._dense(self.bag(ids))
 
 
 class HashedCategorical(tf.keras.layers.Layer):
@@ -158,10 +168,11 @@ class ConcatFusion(tf.keras.layers.Layer):
 class _Tower(tf.keras.layers.Layer):
     """Modalities → modality dropout → fusion → L2 normalisation (float32)."""
 
-    def __init__(self, model_cfg: ModelConfig, seed: int | None, **kwargs):
+    def __init__(self, model_cfg: ModelConfig, seed: int | None, jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.model_cfg = model_cfg
         self.seed = seed
+        self.jit_compile = jit_compile
         self.modality_names: list[str] = []
         self.encoders: dict[str, tf.keras.layers.Layer] = {}
         self.inputs: dict[str, str | list[str]] = {}
@@ -179,6 +190,7 @@ class _Tower(tf.keras.layers.Layer):
     def _finish(self) -> None:
         m = self.model_cfg
         self.fusion = AttentionFusion(name="fusion") if m.fusion == "attention" else ConcatFusion(m.hidden_dim, m.embedding_dim, name="fusion")
+        self._head = _compiled(self._fuse, self.jit_compile)
 
     def _text_modalities(self) -> list[str]:
         return [name for name in self.modality_names if isinstance(self.encoders[name], TextModality)]
@@ -208,9 +220,11 @@ class _Tower(tf.keras.layers.Layer):
             vectors.append(self.dropouts[name](self.encoders[name](x), training=training))
         return tf.stack(vectors, axis=1)
 
+    def _fuse(self, stacked: tf.Tensor) -> tf.Tensor:
+        return tf.math.l2_normalize(tf.cast(self.fusion(stacked), tf.float32), axis=-1)  # [B, D] float32
+
     def call(self, features: dict, training=None) -> tf.Tensor:
-        fused = self.fusion(self.modality_vectors(features, training=training))
-        return tf.math.l2_normalize(tf.cast(fused, tf.float32), axis=-1)  # [B, D] float32
+        return self._head(self.modality_vectors(features, training=training))
 
 
 class QueryTower(_Tower):
@@ -229,7 +243,7 @@ class QueryTower(_Tower):
         self.context_columns = tuple(context_columns)
         bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="query_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
-        text = TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, name="query_text")
+        text = TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, self.jit_compile, name="query_text")
         self._add("query_text", text, S.QUERY)
         if self.context_columns:
             self.context = {
@@ -257,8 +271,8 @@ class ProductTower(_Tower):
         bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="product_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
         h, d = model_cfg.hidden_dim, model_cfg.embedding_dim
-        self._add("title", TextModality(hasher, bag, h, d, name="title"), S.PRODUCT_TITLE)
-        self._add("description", TextModality(hasher, bag, h, d, name="description"), S.PRODUCT_DESCRIPTION)
+        self._add("title", TextModality(hasher, bag, h, d, self.jit_compile, name="title"), S.PRODUCT_TITLE)
+        self._add("description", TextModality(hasher, bag, h, d, self.jit_compile, name="description"), S.PRODUCT_DESCRIPTION)
         self._add("category", HashedCategorical(features_cfg.category_buckets, d, name="category"), S.PRODUCT_CATEGORY)
         if image_dim:
             self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)

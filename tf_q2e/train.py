@@ -98,9 +98,14 @@ def product_log_frequencies(train_file: str) -> tf.lookup.StaticHashTable:
     return tf.lookup.StaticHashTable(initializer, default_value=default)
 
 
-def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...], product_log_q=None) -> Que2EngageModel:
-    """The model, with its variables created (call inside `strategy.scope()`)."""
-    model = Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed)
+def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...], product_log_q=None,
+                jit_compile: bool | None = None) -> Que2EngageModel:
+    """The model, with its variables created (call inside `strategy.scope()`).
+
+    `jit_compile` None follows `train.jit_compile`.
+    """
+    jit = config.train.jit_compile if jit_compile is None else jit_compile
+    model = Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed, jit_compile=jit)
     example = {
         S.QUERY: tf.constant(["red sofa"]),
         **{c: tf.constant([""]) for c in context_columns},
@@ -283,7 +288,7 @@ def load_model(run_dir: str, weights: str | None = None, overrides: list[str] | 
     config = load_config(os.path.join(run_dir, "config.yaml"), overrides)
     with open(os.path.join(run_dir, "model.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    model = build_model(config, meta["image_dim"], tuple(meta["context_columns"]))
+    model = build_model(config, meta["image_dim"], tuple(meta["context_columns"]), jit_compile=False)  # serving: no XLA
     model.weights_checkpoint().read(weights or os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
     return model
 
