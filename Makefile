@@ -24,12 +24,23 @@ $(VENV)/.installed-test: setup.py | $(VENV)/bin/activate
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The main job on the built-in synthetic marketplace. It grows with the package:
-# for now it writes the data set, validates it and trains the smoke config.
+# The main job on the built-in synthetic marketplace: synth -> validate -> train
+# -> index (tuned) -> export -> serve -> three queries through the
+# tensorflow-serving-api client (gRPC, the ScaNN model), then the server stops.
+Q2E := $(VENV)/bin/q2e
+GRPC_PORT ?= 8500
+REST_PORT ?= 8501
+QUERIES ?= "grey jute rug" "white laptop" "sofa 3-seater"
 run: install
-	$(VENV)/bin/q2e synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
-	$(VENV)/bin/q2e validate --config configs/default.yaml --data $(RUN_DIR)/data
-	$(VENV)/bin/q2e train --config configs/smoke.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/train
+	$(Q2E) synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
+	$(Q2E) validate --config configs/default.yaml --data $(RUN_DIR)/data
+	$(Q2E) train --config configs/smoke.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/train
+	$(Q2E) index --run $(RUN_DIR)/train --tune --target-recall 0.95
+	$(Q2E) export --run $(RUN_DIR)/train --out $(RUN_DIR)/serving
+	$(Q2E) serve --model-base $(RUN_DIR)/serving --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) > $(RUN_DIR)/serve.log 2>&1 & \
+	  server=$$!; trap 'kill $$server; wait $$server' EXIT; \
+	  $(Q2E) query --server 127.0.0.1:$(GRPC_PORT) --wait 120 --model q2e_scann --signature retrieval --k 5 \
+	    --context query_country=US $(QUERIES)
 
 test: install-test
 	$(PY) -m pytest -q tests

@@ -261,3 +261,20 @@ def test_the_deployment_files_for_the_stock_image_parse():
     assert service["image"] == "tensorflow/serving:2.20.0"
     assert "--model_config_file=/config/models.config" in service["command"]
     assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+
+
+def test_exported_models_round_trip_through_the_server_and_client(exported):
+    from tf_q2e.serving import ModelServer, ServingClient
+
+    base, _ = exported
+    with ModelServer(base, grpc_port=0, rest_port=0, poll_seconds=0.2) as server:
+        with ServingClient(f"127.0.0.1:{server.grpc_port}", "grpc") as grpc_client, \
+                ServingClient(f"127.0.0.1:{server.rest_port}", "rest") as rest_client:
+            exact = grpc_client.search("q2e", ["brown couch", "lamp"], 5)  # query_country left out: sent as ""
+            assert rest_client.search("q2e", ["brown couch", "lamp"], 5) == exact
+            assert [len(hits) for hits in exact] == [5, 5] and all(hit["title"] for hits in exact for hit in hits)
+            approximate = grpc_client.search("q2e_scann", ["brown couch", "lamp"], 5, signature="retrieval")
+            for a, b in zip(approximate, exact):
+                assert len({h["product_id"] for h in a} & {h["product_id"] for h in b}) >= 4
+            embedding = grpc_client.predict("q2e", {"query": ["lamp"], "query_country": [""]}, "query_encoder")["embedding"]
+            np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)

@@ -188,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="products per query (default: index.k)")
     p.add_argument("--no-scann", action="store_true", help="export the stock-op model only")
     p.set_defaults(handler=_export)
+
+    from tf_q2e.serving import commands
+
+    p = verbs.add_parser("serve", help="serve a TF Serving base directory over gRPC and REST (development server)")
+    commands.add_serve_arguments(p)
+    p.set_defaults(handler=commands.run_serve)
+
+    p = verbs.add_parser("query", help="query a server through the tensorflow-serving-api client")
+    commands.add_query_arguments(p)
+    p.set_defaults(handler=commands.run_query)
     return parser
 
 

@@ -176,14 +176,18 @@ def write_saved_model(module: tf.Module, base: str, name: str, version: int, war
     if os.path.exists(final):
         raise InputError(f"{final} exists already; versions are never overwritten")
     tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    logger, level = tf.get_logger(), tf.get_logger().level
     try:
+        logger.setLevel("ERROR")  # tf-keras warns about layer configs that a signature-only SavedModel never uses
         tf.saved_model.save(module, tmp, signatures=module.signatures(), options=options)
+        logger.setLevel(level)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with tf.io.TFRecordWriter(os.path.join(tmp, WARMUP_FILE)) as writer:
             for record in warmup:
                 writer.write(record)
         os.rename(tmp, final)
     finally:
+        logger.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
