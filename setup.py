@@ -25,6 +25,9 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "pyyaml>=6",
+        "bm25s>=0.3,<0.4",   # the BM25 baseline (q2e compare --bm25)
+        "PyStemmer>=3",      # its English Snowball stemmer
+        "matplotlib>=3.8",   # evaluation plots
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -3,8 +3,8 @@
 Exit codes: 0 success, 2 bad usage, config or input (one clear line on stderr),
 1 any other failure.
 
-Verbs: `synth`, `prepare`, `validate`, `train`, `index`, `export`, `serve`,
-`query`. `evaluate` and `compare` arrive with their module.
+Verbs: `synth`, `prepare`, `validate`, `train`, `evaluate`, `compare`,
+`index`, `export`, `serve`, `query`.
 """
 
 from __future__ import annotations
@@ -107,6 +107,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from tf_q2e.evaluate import comparison_table, evaluate_run
+
+    _check_bootstrap(args.bootstrap)
+    report = evaluate_run(args.run, args.data, args.split, n_boot=args.bootstrap)
+    print(comparison_table([report]), end="")
+    print(f"wrote {os.path.join(args.run, 'eval')}: report.json, report.md, recall_at_k.png, score_histograms.png")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tf_q2e.evaluate import compare
+
+    _check_bootstrap(args.bootstrap)
+    if not args.runs and not args.bm25:
+        raise InputError("nothing to compare: give run directories and/or --bm25")
+    table = compare(args.runs, args.data, args.split, bm25=args.bm25, out_dir=args.out, n_boot=args.bootstrap)
+    print(table, end="")
+    if args.out:
+        print(f"wrote {args.out}: compare.md, compare.json, recall_at_k.png")
+    return 0
+
+
+def _check_bootstrap(n: int) -> None:
+    if n < 10:
+        raise InputError(f"--bootstrap ({n}) must be at least 10 resamples")
+
+
 def _index(args: argparse.Namespace) -> int:
     from tf_q2e.index import build_index
 
@@ -172,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume a killed run)")
     p.set_defaults(handler=_train)
+
+    p = verbs.add_parser("evaluate", help="retrieval, engagement and relevance metrics of a run on a held-out split")
+    p.add_argument("--run", required=True, help="a trained run directory")
+    p.add_argument("--data", help="data set directory (default: the one the run trained on)")
+    p.add_argument("--split", default="test", choices=("test", "validation", "train"), help="split to evaluate (default test)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default 1000)")
+    p.set_defaults(handler=_evaluate)
+
+    p = verbs.add_parser("compare", help="one table of several runs (and BM25) on the same split")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="trained run directories")
+    p.add_argument("--bm25", action="store_true", help="add the BM25 baseline (bm25s, English stemmer)")
+    p.add_argument("--data", help="data set directory (default: the first run's)")
+    p.add_argument("--split", default="test", choices=("test", "validation", "train"), help="split to evaluate (default test)")
+    p.add_argument("--out", help="also write compare.md, compare.json and recall_at_k.png here")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default 1000)")
+    p.set_defaults(handler=_compare)
 
     p = verbs.add_parser("index", help="embed the catalogue and build the ScaNN and exact indexes of a run")
     p.add_argument("--run", required=True, help="a trained run directory")
