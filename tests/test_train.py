@@ -193,3 +193,14 @@ def test_xla_switch_compiles_the_dense_parts_with_the_same_loss_and_gradients(da
     assert "dot" in compiled.query_tower._head.experimental_get_compiler_ir(stacked)(stage="hlo")  # an XLA program
     assert "dot" in compiled.product_tower.encoders["title"]._dense.experimental_get_compiler_ir(tf.zeros([2, 16]))(stage="hlo")
     assert not hasattr(plain.query_tower._head, "experimental_get_compiler_ir")  # off by default: plain Python
+
+
+def test_shared_text_encoder_is_one_siamese_text_path():
+    model = build_model(load_config(None, SMALL + ["model.share_text_encoder=true"]), 4, ())
+    shared = model.query_tower.encoders["query_text"]
+    assert shared is model.product_tower.encoders["title"] is model.product_tower.encoders["description"]
+    separate = build_model(load_config(None, SMALL), 4, ())
+    count = lambda m: sum(int(np.prod(v.shape)) for v in m.trainable_variables)  # noqa: E731
+    # One table + one MLP instead of two tables and three MLPs.
+    table, mlp = 4096 * 16, sum(int(np.prod(v.shape)) for v in shared.mlp.trainable_variables)
+    assert count(separate) - count(model) == table + 2 * mlp

@@ -88,6 +88,9 @@ class ModelConfig:
       fusion: `attention` (Que2Search: a = softmax([φ_1‖…‖φ_N] W), f = Σ a_i φ_i)
         or `concat` (concatenate, then an MLP).
       share_text_tables: query and product towers share their n-gram table.
+      share_text_encoder: the query text, title and description share one
+        text encoder (n-gram table and MLP): a siamese text path, so lexical
+        matching is learned once (implies share_text_tables).
       modality_dropout: probability, per modality, of zeroing the whole
         modality vector of a row in training (Que2Engage); modalities:
         query_text, query_context, title, description, category, image.
@@ -108,6 +111,7 @@ class ModelConfig:
     hidden_dim: int = 128
     fusion: Literal["attention", "concat"] = "attention"
     share_text_tables: bool = False
+    share_text_encoder: bool = False
     modality_dropout: dict[str, float] = field(
         default_factory=lambda: {"query_context": 0.1, "description": 0.1, "category": 0.1, "image": 0.1}
     )

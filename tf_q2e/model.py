@@ -24,7 +24,8 @@ import tensorflow_recommenders as tfrs
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval, global_sum
-from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower
+from tf_q2e.features import TextHasher
+from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality
 
 
 class Que2EngageModel(tfrs.Model):
@@ -57,9 +58,14 @@ class Que2EngageModel(tfrs.Model):
         self.config = config
         self.image_dim = image_dim
         self.context_columns = tuple(context_columns)
-        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, name="shared_text_bag") if m.share_text_tables else None
-        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, jit_compile=jit_compile, name="query_tower")
-        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, jit_compile=jit_compile, name="product_tower")
+        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, name="shared_text_bag") \
+            if m.share_text_tables or m.share_text_encoder else None
+        encoder = TextModality(TextHasher.from_config_section(f), shared, m.hidden_dim, m.embedding_dim, jit_compile,
+                               name="shared_text") if m.share_text_encoder else None
+        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, text_encoder=encoder,
+                                      jit_compile=jit_compile, name="query_tower")
+        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, text_encoder=encoder,
+                                          jit_compile=jit_compile, name="product_tower")
         self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
         self.engagement = EngagementBCE(m.scale, learned_bias=m.engagement_bias == "learned", name="engagement")
         self.engagement_weight = float(m.engagement_weight)

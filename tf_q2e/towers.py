@@ -237,13 +237,14 @@ class QueryTower(_Tower):
         context_columns: tuple[str, ...] = (),
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
+        text_encoder: TextModality | None = None,
         **kwargs,
     ):
         super().__init__(model_cfg, seed, **kwargs)
         self.context_columns = tuple(context_columns)
         bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="query_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
-        text = TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, self.jit_compile, name="query_text")
+        text = text_encoder or TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, self.jit_compile, name="query_text")
         self._add("query_text", text, S.QUERY)
         if self.context_columns:
             self.context = {
@@ -264,6 +265,7 @@ class ProductTower(_Tower):
         image_dim: int = 0,
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
+        text_encoder: TextModality | None = None,
         **kwargs,
     ):
         super().__init__(model_cfg, seed, **kwargs)
@@ -271,8 +273,9 @@ class ProductTower(_Tower):
         bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="product_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
         h, d = model_cfg.hidden_dim, model_cfg.embedding_dim
-        self._add("title", TextModality(hasher, bag, h, d, self.jit_compile, name="title"), S.PRODUCT_TITLE)
-        self._add("description", TextModality(hasher, bag, h, d, self.jit_compile, name="description"), S.PRODUCT_DESCRIPTION)
+        self._add("title", text_encoder or TextModality(hasher, bag, h, d, self.jit_compile, name="title"), S.PRODUCT_TITLE)
+        self._add("description", text_encoder or TextModality(hasher, bag, h, d, self.jit_compile, name="description"),
+                  S.PRODUCT_DESCRIPTION)
         self._add("category", HashedCategorical(features_cfg.category_buckets, d, name="category"), S.PRODUCT_CATEGORY)
         if image_dim:
             self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
