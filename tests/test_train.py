@@ -204,3 +204,13 @@ def test_shared_text_encoder_is_one_siamese_text_path():
     # One table + one MLP instead of two tables and three MLPs.
     table, mlp = 4096 * 16, sum(int(np.prod(v.shape)) for v in shared.mlp.trainable_variables)
     assert count(separate) - count(model) == table + 2 * mlp
+
+
+def test_learned_engagement_bias_trains_through_model_fit(data_dir, tmp_path):
+    config = load_config(None, SMALL + ["model.engagement_bias=learned", "train.epochs=1", "train.steps_per_epoch=3",
+                                        "train.validation_steps=1", "train.cache=none"])
+    run = str(tmp_path / "run")
+    history = train(config, data_dir, run, verbose=0)
+    assert np.isfinite(history["loss"][0])
+    bias = load_model(run).engagement.bias
+    assert bias is not None and float(bias.numpy()) != 0.0  # updated by the optimizer

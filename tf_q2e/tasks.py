@@ -165,10 +165,9 @@ class EngagementBCE(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.scale = float(scale)
         self.learned_bias = learned_bias
-
-    def build(self, input_shape) -> None:
-        self.bias = self.add_weight(name="bias", shape=(), initializer="zeros", dtype=tf.float32) if self.learned_bias else None
-        super().build(input_shape)
+        # Created here, not in build(): the model is built (and the optimizer learns its variables)
+        # by calling the towers only, before any loss runs.
+        self.bias = self.add_weight(name="bias", shape=(), initializer="zeros", dtype=tf.float32) if learned_bias else None
 
     def call(self, query_embeddings: tf.Tensor, product_embeddings: tf.Tensor, engaged: tf.Tensor) -> EngagementOutput:
         q = tf.cast(query_embeddings, tf.float32)
