@@ -150,8 +150,11 @@ class TrainConfig:
       cache: keep the hashed rows in memory after the first epoch, so later
         epochs neither read, validate nor hash: `memory`, `none`, or `auto`
         (memory when a split has at most 1,000,000 rows; about 2 KB a row).
-      early_stopping_patience: epochs without a better validation engagement
-        AUC before stopping; 0 = never stop early.
+      early_stopping_patience: epochs without a better `early_stopping_monitor`
+        before stopping (the best epoch's weights are kept); 0 = never stop early.
+      early_stopping_monitor: the validation metric early stopping watches:
+        `val_engagement_auc` (default), `val_recall_at_1`,
+        `val_contrastive_loss` or `val_loss` (losses: lower is better).
       jit_compile: XLA-compile the dense parts of the towers (modality MLPs,
         fusion, normalisation) in training, for GPUs. Text hashing, the
         embedding bags (`tf.unique`) and the losses stay outside XLA, which
@@ -173,6 +176,7 @@ class TrainConfig:
     featurize_in_pipeline: bool = False
     cache: Literal["auto", "memory", "none"] = "auto"
     early_stopping_patience: int = 2
+    early_stopping_monitor: Literal["val_engagement_auc", "val_recall_at_1", "val_contrastive_loss", "val_loss"] = "val_engagement_auc"
     jit_compile: bool = False
 
 

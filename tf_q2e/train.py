@@ -233,7 +233,8 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     if validation is not None and t.early_stopping_patience:
         callbacks.append(
             tf.keras.callbacks.EarlyStopping(
-                monitor="val_engagement_auc", mode="max", patience=t.early_stopping_patience, restore_best_weights=True
+                monitor=t.early_stopping_monitor, mode="min" if t.early_stopping_monitor.endswith("loss") else "max",
+                patience=t.early_stopping_patience, restore_best_weights=True
             )
         )
     steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
