@@ -1,0 +1,182 @@
+"""Quality of Que2Engage vs contrastive-only vs BM25, on Home Depot and on the synthetic marketplace.
+
+Runs, with the `q2e` command line (so every step is a command anyone can
+repeat), for each data set:
+
+    q2e train --config CFG --data DATA --set model.engagement_weight=L --set train.seed=S --out OUT/<data>/l<L>-s<S>
+    q2e evaluate --run OUT/<data>/l<L>-s<S>
+    q2e compare ... --bm25
+
+for every weight L in --lambdas (0 = contrastive only, Que2Search) and every
+seed in --seeds, then averages each metric over the seeds and writes the
+tables, the targets of the evaluation issue and the exact commands into
+`--results` (default benchmarks/RESULTS.md), each data set between its own
+markers, so the rest of the file (and the other data set) is kept.
+
+Home Depot is not redistributable: it is read from
+`../shared/data/home-depot-search-relevance/train.csv.zip` (or --homedepot)
+and prepared into OUT/data/homedepot; when the file is missing the script
+says so and does the synthetic marketplace only.
+
+    python benchmarks/quality.py --out runs/quality            # both data sets, lambdas 0 and 0.5, seeds 0 1 2
+    python benchmarks/quality.py --datasets synth --seeds 0    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOMEDEPOT = os.path.join(os.path.dirname(REPO), "shared", "data", "home-depot-search-relevance", "train.csv.zip")
+METRICS = ("recall@10", "recall@100", "recall@1000", "mrr", "engagement_auc_pooled", "engagement_auc_per_query",
+           "ndcg@10", "relevance_auc", "in_batch_recall@1")
+CONFIGS = {"homedepot": "configs/homedepot.yaml", "synth": "configs/default.yaml"}
+
+
+def q2e(*args: str, log: list[str]) -> None:
+    command = [os.path.join(os.path.dirname(sys.executable), "q2e"), *args]
+    shown = "q2e " + " ".join(args)
+    log.append(shown)
+    print(f"$ {shown}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare(dataset: str, out: str, args, log: list[str]) -> str | None:
+    data = os.path.join(out, "data", dataset)
+    if os.path.exists(os.path.join(data, "manifest.json")):
+        return data
+    if dataset == "homedepot":
+        if not os.path.exists(args.homedepot):
+            print(f"Home Depot data missing ({args.homedepot}): skipping it", flush=True)
+            return None
+        q2e("prepare", "--dataset", "homedepot", "--input", args.homedepot, "--out", data, log=log)
+    else:
+        q2e("synth", "--products", str(args.synth_products), "--impressions", str(args.synth_impressions),
+            "--seed", "0", "--out", data, log=log)
+    return data
+
+
+def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict:
+    runs: dict[str, list[str]] = {}
+    for lam in args.lambdas:
+        for seed in args.seeds:
+            run = os.path.join(out, dataset, f"l{lam:g}-s{seed}")
+            if not os.path.exists(os.path.join(run, "eval", "report.json")):
+                q2e("train", "--config", args.config or CONFIGS[dataset], "--data", data,
+                    "--set", f"model.engagement_weight={lam:g}", "--set", f"train.seed={seed}", *sum((["--set", s] for s in args.set), []),
+                    "--out", run, log=log)
+                q2e("evaluate", "--run", run, "--bootstrap", str(args.bootstrap), log=log)
+            runs.setdefault(f"{lam:g}", []).append(run)
+    compare_dir = os.path.join(out, dataset, "compare")
+    q2e("compare", *[r for rs in runs.values() for r in rs], "--bm25", "--out", compare_dir, "--bootstrap", str(args.bootstrap), log=log)
+    with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
+        reports = json.load(f)
+    by_run = {r.get("run"): r for r in reports}
+    rows = {}
+    for lam, rs in runs.items():
+        rows[f"λ = {lam}" + (" (contrastive only)" if float(lam) == 0 else " (Que2Engage)")] = mean_over_seeds(
+            [by_run[os.path.abspath(r)] for r in rs])
+    bm25 = next(r for r in reports if r["model"] == "bm25")
+    rows["BM25 (bm25s, Snowball stemmer)"] = {m: (bm25["metrics"][m]["mean"], None) for m in METRICS if m in bm25["metrics"]}
+    return {"rows": rows, "queries": bm25["queries"], "queries_with_engaged": bm25["queries_with_engaged"],
+            "compare": compare_dir}
+
+
+def mean_over_seeds(reports: list[dict]) -> dict:
+    out = {}
+    for m in METRICS:
+        values = [r["metrics"][m]["mean"] for r in reports if m in r["metrics"] and r["metrics"][m]["mean"] is not None]
+        if values:
+            out[m] = (float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None)
+    return out
+
+
+def table(rows: dict, seeds: int) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, values in rows.items():
+        cells = []
+        for m in METRICS:
+            if m not in values:
+                cells.append("–")
+            else:
+                mean, sd = values[m]
+                cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nDense rows: mean ± standard deviation over {seeds} seed(s).\n"
+
+
+def targets(rows: dict) -> str:
+    base = next((v for k, v in rows.items() if "contrastive only" in k), None)
+    ours = [(k, v) for k, v in rows.items() if "Que2Engage" in k]
+    bm25 = next((v for k, v in rows.items() if k.startswith("BM25")), None)
+    if base is None or not ours:
+        return ""
+    lines = []
+    for name, v in ours:
+        auc = v["engagement_auc_pooled"][0] - base["engagement_auc_pooled"][0]
+        ndcg = (v["ndcg@10"][0] / base["ndcg@10"][0] - 1) if "ndcg@10" in v else float("nan")
+        r100 = v["recall@100"][0] / base["recall@100"][0] - 1
+        lines += [f"- {name}: pooled engagement AUC {auc:+.4f} vs contrastive-only (target ≥ +0.02): {'met' if auc >= 0.02 else 'MISSED'}",
+                  f"- {name}: NDCG@10 {ndcg:+.2%} (target within ±1%): {'met' if abs(ndcg) <= 0.01 else 'MISSED'}",
+                  f"- {name}: Recall@100 {r100:+.2%} (target within ±3%): {'met' if abs(r100) <= 0.03 else 'MISSED'}"]
+        if bm25:
+            lines.append(f"- {name}: Recall@100 {v['recall@100'][0]:.4f} vs BM25 {bm25['recall@100'][0]:.4f} (target ≥ BM25): "
+                         f"{'met' if v['recall@100'][0] >= bm25['recall@100'][0] else 'MISSED'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str, dataset: str, section: str) -> None:
+    """Replaces the data set's section of `path` (between its markers), keeping the rest of the file."""
+    begin, end = f"<!-- quality.py {dataset}: begin -->", f"<!-- quality.py {dataset}: end -->"
+    body = f"{begin}\n{section}{end}\n"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Results\n\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + body + text[text.index(end) + len(end) + 1:]
+    else:
+        text += "\n" + body
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/quality", help="work directory (runs are reused when their report exists)")
+    p.add_argument("--datasets", nargs="+", default=["homedepot", "synth"], choices=["homedepot", "synth"])
+    p.add_argument("--lambdas", nargs="+", type=float, default=[0.0, 0.5])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--config", help="config for every data set (default: configs/homedepot.yaml, configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run")
+    p.add_argument("--homedepot", default=HOMEDEPOT, help="Home Depot train.csv.zip")
+    p.add_argument("--synth-products", type=int, default=20000)
+    p.add_argument("--synth-impressions", type=int, default=200000)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "RESULTS.md"))
+    args = p.parse_args(argv)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for dataset in args.datasets:
+        start = time.perf_counter()
+        log: list[str] = []
+        data = prepare(dataset, args.out, args, log)
+        if data is None:
+            write_results(args.results, dataset, f"## {dataset}\n\nNot run: {args.homedepot} is missing.\n")
+            continue
+        result = run_dataset(dataset, data, args.out, args, log)
+        text = (f"## {dataset}: test split, {result['queries']} queries ({result['queries_with_engaged']} with an engaged product)\n\n"
+                + table(result["rows"], len(args.seeds)) + "\n" + targets(result["rows"])
+                + f"\nProduced by `{command}` in {time.perf_counter() - start:.0f} s on a 2-core CPU; the commands it ran "
+                + "(from the repository root, `.venv/bin/` on the PATH):\n\n```sh\n" + "\n".join(log) + "\n```\n")
+        print(text, flush=True)
+        write_results(args.results, dataset, text)
+    print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
