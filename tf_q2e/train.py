@@ -226,7 +226,9 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
                                   **reading("validation"))
 
     callbacks = [
-        tf.keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        # Every worker gets RUN/backup: tf-keras restores all workers from its `chief/`
+        # copy, which only the chief writes (a shared file system, as for RUN itself).
+        tf.keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         EpochCheckpoints(os.path.join(out, "checkpoints")),
         tf.keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq="epoch"),
     ]
