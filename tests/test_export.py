@@ -207,6 +207,7 @@ def test_short_scann_results_are_filled_not_nan(run, tmp_path):
     layer = ScannTopK(searcher.serialize_to_module(), list(index.product_ids), options, k=50)
     scores, ids = layer(tf.constant(index.vectors[:4]))
     scores, ids = scores.numpy(), ids.numpy()
+    assert scores.shape == ids.shape == (4, 50)  # ScaNN answers [4, n < 50]: padded to k
     assert not np.isnan(scores).any()
     short = ids == b""
     assert short.any(), "one leaf of ~10 products should leave places empty"

@@ -179,7 +179,11 @@ def test_tokens_drop_the_word_cut_at_max_chars():
                           word_bigrams=False, max_chars=9))
     # "red sofa b|ed" loses the cut word; "red sofa" fits; "red sofa |" was cut after a space.
     assert got == [["1:red", "1:sofa"], ["1:red", "1:sofa"], ["1:red", "1:sofa"]]
-    assert _strings(tokens(_text(["red sof|a"]), char_trigrams=False, word_bigrams=False, max_chars=7)) == [["1:red"]]
+    assert _strings(tokens(_text(["red sofa"]), char_trigrams=False, word_bigrams=False, max_chars=7)) == [["1:red"]]
+    # A word that ends at the window's edge is whole when a separator (here '|', or a space) follows it.
+    got = _strings(tokens(_text(["red sof|a", "red sof a", "red sof\u0301 a", "red sof\u0301a"]), char_trigrams=False,
+                          word_bigrams=False, max_chars=7))
+    assert got == [["1:red", "1:sof"], ["1:red", "1:sof"], ["1:red", "1:sof"], ["1:red"]]
 
 
 def test_blank_texts_give_empty_rows():

@@ -231,3 +231,20 @@ def test_unknown_suffix_names_the_supported_ones(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match=r"train.xlsx: unknown file type; use one of the suffixes .parquet"):
         _read(str(path), "error")
+
+
+def test_embedding_problems_name_the_right_row_of_a_sliced_column():
+    """NaN found in a column that does not start at offset 0 (a slice) is flagged on its own row."""
+    from tf_q2e.data.columns import to_embedding
+
+    column = pa.array([[1.0, 2.0], [3.0, 4.0], [math.nan, 1.0], [5.0, 6.0], [7.0, 8.0]], type=pa.list_(pa.float32()))
+    for start in range(3):
+        flagged: dict[int, str] = {}
+
+        def flag(rows, column_name, message):
+            for i in rows:
+                flagged.setdefault(int(i), message if isinstance(message, str) else message(int(i)))
+
+        fixed, dim = to_embedding(column.slice(start), "f.parquet", None, flag)
+        assert dim == 2 and flagged == {2 - start: "image embedding holds NaN or infinity"}
+        assert fixed.type == pa.list_(pa.float32(), 2)

@@ -68,12 +68,20 @@ def _validate(args: argparse.Namespace) -> int:
     if data_dir is None:
         print("no data set given (--data DIR or data.dir): checked the config only")
         return 0
+    if args.report:  # fail before a long validation rather than after it
+        report_dir = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.isdir(report_dir):
+            raise InputError(f"--report {args.report}: the directory {report_dir} does not exist; create it first")
     quarantine_dir = cfg.data.quarantine_dir or os.path.join(data_dir, "quarantine")
     report = validate_dataset(data_dir, cfg.data.on_bad_rows, cfg.data.image_dim, quarantine_dir)
     print(report.format_text())
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        try:
+            with open(args.report, "w", encoding="utf-8") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        except OSError as e:
+            raise InputError(f"--report {args.report}: cannot write the report ({e.strerror or e}); "
+                             "give a writable file path") from e
     if cfg.data.on_bad_rows == "skip":
         print(f"{report.rows_dropped} row(s) skipped")
         return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class FeaturesConfig:
     context_buckets: int = 1024
     category_buckets: int = 4096
 
+
+MAX_BUCKETS = 2**31 - 1  # most rows of a hashed embedding table (TextHasher's limit)
 
 MODALITIES = ("query_text", "query_context", "title", "description", "category", "image")
 
@@ -247,24 +250,30 @@ def _check(cfg: Config) -> None:
         value = getattr(t, name)
         if value is not None and value < 1:
             raise ConfigError(f"train.{name} ({value}) must be at least 1" + ("" if name in ("epochs", "steps_per_execution") else " or null"))
-    if t.learning_rate <= 0:
-        raise ConfigError(f"train.learning_rate ({t.learning_rate}) must be positive")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise ConfigError(f"train.learning_rate ({t.learning_rate}) must be a positive number (Que2Search used 7e-4 with Adam)")
     if t.early_stopping_patience < 0:
         raise ConfigError(f"train.early_stopping_patience ({t.early_stopping_patience}) must be 0 (off) or more")
     f = cfg.features
     for name in ("buckets", "max_words", "context_buckets", "category_buckets"):
         if getattr(f, name) < 1:
             raise ConfigError(f"features.{name} ({getattr(f, name)}) must be at least 1")
+    for name in ("buckets", "context_buckets", "category_buckets"):
+        # TextHasher's limit (its trigram ids are int32). Categorical hashing has none, but a table of
+        # 2**31 rows of model.embedding_dim floats would not fit in memory either.
+        if getattr(f, name) > MAX_BUCKETS:
+            raise ConfigError(f"features.{name} ({getattr(f, name)}) must be at most 2**31 - 1 ({MAX_BUCKETS}); "
+                              f"the default is {getattr(FeaturesConfig, name)}")
     if not (f.char_trigrams or f.word_unigrams or f.word_bigrams):
         raise ConfigError("features: char_trigrams, word_unigrams and word_bigrams are all false; enable at least one")
     m = cfg.model
     for name in ("embedding_dim", "text_embedding_dim", "hidden_dim"):
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name} ({getattr(m, name)}) must be at least 1")
-    if m.scale <= 0:
-        raise ConfigError(f"model.scale ({m.scale}) must be positive (Que2Search uses 20)")
-    if m.engagement_weight < 0:
-        raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be 0 (contrastive only) or more")
+    if not (math.isfinite(m.scale) and m.scale > 0):
+        raise ConfigError(f"model.scale ({m.scale}) must be a positive number (Que2Search uses 20)")
+    if not (math.isfinite(m.engagement_weight) and m.engagement_weight >= 0):
+        raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be a number, 0 (contrastive only) or more")
     for name, p in m.modality_dropout.items():
         if name not in MODALITIES:
             close = difflib.get_close_matches(name, MODALITIES, n=1)
@@ -273,6 +282,10 @@ def _check(cfg: Config) -> None:
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"model.modality_dropout.{name} ({p}) must be in [0, 1)")
     x = cfg.index
+    threshold = x.anisotropic_quantization_threshold
+    if not (math.isfinite(threshold) and 0.0 <= threshold < 1.0):
+        raise ConfigError(f"index.anisotropic_quantization_threshold ({threshold}) must be a number in [0, 1) "
+                          "(an inner product of unit vectors; ScaNN recommends 0.2)")
     for name in ("k", "batch_size", "num_leaves", "leaves_to_search", "training_sample_size", "dimensions_per_block",
                  "reorder", "tune_queries"):
         value = getattr(x, name)
@@ -288,13 +301,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Loads a YAML config (or the defaults when `path` is None) and applies `--set` overrides."""
     raw: dict = {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides:
@@ -302,6 +309,52 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     cfg = _build(Config, raw, "")
     _check(cfg)
     return cfg
+
+
+def _read_yaml(path: str):
+    """The YAML document in file `path`; every way it can fail is a one-line ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file such as configs/default.yaml") from e
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"config file {path}: line {line}, column {column} (byte {e.start}): not UTF-8 text "
+                          f"(byte 0x{data[e.start]:02x}); save the file as UTF-8") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where, what = _yaml_error(e, text)
+        raise ConfigError(f"config file {path}: {where + ': ' if where else ''}not valid YAML: {what}") from e
+    except RecursionError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: nested too deeply") from e
+
+
+def _yaml_error(error: yaml.YAMLError, text: str) -> tuple[str | None, str]:
+    """`(where, what)` of a YAML error, each on one line: ("line 2, column 1", "found character '\\t' ...")."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        what = problem
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None:
+            what += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        if "'\\t'" in problem:
+            what += "; indent with spaces, not tabs"
+        return f"line {mark.line + 1}, column {mark.column + 1}", " ".join(what.split())
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        return f"line {line}, column {column}", f"character #x{error.character:04x} is not allowed ({error.reason})"
+    return None, " ".join(str(error).split())
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -314,7 +367,11 @@ def _apply_override(raw: dict, item: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from e
+        where, what = _yaml_error(e, text)
+        at = f", at {where} of the value" if where else ""
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({what}{at})") from e
+    except RecursionError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML (nested too deeply)") from e
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})

@@ -53,6 +53,8 @@ TRIGRAM_PREFIX = "3:"
 UNIGRAM_PREFIX = "1:"
 BIGRAM_PREFIX = "2:"
 CHARS_PER_WORD = 12  # default max_chars = CHARS_PER_WORD * max_words
+# Characters after the window looked at to tell whether its last word goes on (past removed marks).
+_LOOKAHEAD = 4
 
 _MARK = 0x23  # '#': word start/end in char trigrams; never in a normalised word
 
@@ -123,10 +125,25 @@ def _options(char_trigrams, word_unigrams, word_bigrams, max_words, max_chars, w
     return bool(char_trigrams), bool(word_unigrams), bool(word_bigrams), int(max_words), max_chars
 
 
-def _window(text: tf.Tensor, max_chars: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """[B] -> ([B] the first max_chars characters, [B] bool: the text was longer)."""
+def _window(text: tf.Tensor, max_chars: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """[B] -> [B] the first max_chars characters, [B] the next (up to) _LOOKAHEAD characters, [B] bool: more follow."""
     window = tf.strings.substr(text, 0, max_chars, unit="UTF8_CHAR")
-    return window, tf.strings.length(window) < tf.strings.length(text)
+    start = tf.strings.length(window)  # bytes; _LOOKAHEAD characters take at most 4 bytes each
+    after = tf.strings.substr(tf.strings.substr(text, start, tf.fill(tf.shape(start), 4 * _LOOKAHEAD)),
+                              0, _LOOKAHEAD, unit="UTF8_CHAR")
+    return window, after, start + tf.strings.length(after) < tf.strings.length(text)
+
+
+def _first_is_word(folded_after: tf.RaggedTensor, beyond: tf.Tensor) -> tf.Tensor:
+    """[B] bool: the text goes on after the window with a word character, so the window's last word is cut.
+
+    `folded_after` [B, None] is the characters after the window folded: its
+    first code point is the first one `normalize` keeps. If it keeps none
+    (they are marks or format characters, or there are none), the word counts
+    as cut when the text goes on `beyond` the lookahead, not when it ends.
+    """
+    first = tf.gather(tf.concat([folded_after.flat_values, [_SPACE]], 0), folded_after.row_starts())
+    return tf.where(folded_after.row_lengths() > 0, tf.not_equal(first, _SPACE), beyond)
 
 
 def tokens(text, char_trigrams: bool = True, word_unigrams: bool = True, word_bigrams: bool = True,
@@ -136,8 +153,9 @@ def tokens(text, char_trigrams: bool = True, word_unigrams: bool = True, word_bi
     The text is normalised (`normalize`) and cut into words at spaces. Only the
     first `max_words` words are used, taken from the first `max_chars`
     characters of the raw text (default 12 * max_words = 768: room for 64
-    words of 11 letters; a word cut at that limit is dropped), so the cost of
-    a long text is bounded. A row holds, in this order:
+    words of 11 letters; a word cut at that limit, i.e. followed by a word
+    character, is dropped), so the cost of a long text is bounded. A row
+    holds, in this order:
 
     * char trigrams of each word, `#` marking the word's start and end, prefix
       "3:": "red" -> "3:#re", "3:red", "3:ed#" (one per character; a one-letter
@@ -162,15 +180,17 @@ def tokens(text, char_trigrams: bool = True, word_unigrams: bool = True, word_bi
     """
     trigrams, unigrams, bigrams, max_words, max_chars = _options(
         char_trigrams, word_unigrams, word_bigrams, max_words, max_chars, "tokens")
-    window, cut = _window(_batch(text, "tokens: text"), max_chars)
-    folded = _folded_code_points(window)  # [B, None]
+    window, after, beyond = _window(_batch(text, "tokens: text"), max_chars)
+    n_rows = tf.shape(window, out_type=tf.int64)[0]
+    both = _folded_code_points(tf.concat([window, after], 0))  # [2B, None]: one fold for both
+    folded = both[:n_rows]  # [B, None]
     words = tf.strings.split(tf.strings.unicode_encode(folded, "UTF-8"))  # [B, W]
-    # A cut text whose window ends inside a word loses that word.
+    # A cut text whose window ends inside a word (a word character follows) loses that word.
     n_cps = folded.row_lengths()
     last_cp = tf.gather(tf.concat([folded.flat_values, [_SPACE]], 0), tf.maximum(folded.row_limits() - 1, 0))
     ends_in_word = tf.logical_and(n_cps > 0, tf.not_equal(last_cp, _SPACE))
-    limit = tf.minimum(tf.cast(max_words, tf.int64),
-                       words.row_lengths() - tf.cast(tf.logical_and(cut, ends_in_word), tf.int64))  # [B]
+    cut_word = tf.logical_and(ends_in_word, _first_is_word(both[n_rows:], beyond))
+    limit = tf.minimum(tf.cast(max_words, tf.int64), words.row_lengths() - tf.cast(cut_word, tf.int64))  # [B]
     words = tf.ragged.boolean_mask(words, tf.ragged.range(words.row_lengths()) < limit[:, None])
     groups = []
     if trigrams:
@@ -186,7 +206,7 @@ def tokens(text, char_trigrams: bool = True, word_unigrams: bool = True, word_bi
 # --------------------------------------------------------------------------- TextHasher (fast implementation)
 
 
-def _code_point_grid(window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+def _code_point_grid(window: tf.Tensor, after: tf.Tensor, beyond: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """The folded windows on a grid of trigram symbols, with byte offsets into a source string.
 
     Returns:
@@ -200,6 +220,9 @@ def _code_point_grid(window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
         character outside [0-9a-z]) are substrings of it at `offset`.
       n_chars: int32 [B]: n, the number of folded characters.
       has_other: bool []: some symbol is 37 (only rows with non-ASCII text have those).
+      next_is_word: bool [B]: `after` (the characters after the window) starts
+        with a word character once folded (`_first_is_word`; `beyond`: the
+        text goes on after `after`).
 
     Rows in ASCII (most rows of most catalogues) go straight from bytes to the
     grid. The other rows are decoded and folded through `fold_table` first;
@@ -208,23 +231,34 @@ def _code_point_grid(window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
     are put on the grid character by character.
     """
     non_ascii = tf.where(~tf.strings.regex_full_match(window, "[\\x00-\\x7f]*"))[:, :1]  # [G, 1]
+    symbols = tf.constant(_symbol_table())  # [256]
+    # The character after the window: an ASCII one is looked up (0 = separator; "" gives byte 0, a
+    # separator too); the rows where it is not ASCII are folded with the non-ASCII windows.
+    after_byte = tf.cast(tf.io.decode_raw(after, tf.uint8, fixed_length=1)[:, 0], tf.int32)  # [B]
+    wide_after = tf.where(after_byte >= 0x80)[:, :1]  # [A, 1]
+    ascii_next_is_word = tf.gather(symbols, after_byte) > 0  # [B]
 
     def fold_non_ascii_rows():
-        folded = _folded_code_points(tf.gather(window, non_ascii[:, 0]))  # [G, None]
+        n_windows = tf.shape(non_ascii, out_type=tf.int64)[0]
+        both = _folded_code_points(tf.concat([tf.gather(window, non_ascii[:, 0]), tf.gather(after, wide_after[:, 0])],
+                                             0))  # [G + A, None]
+        folded = both[:n_windows]  # [G, None]
         encoded = tf.strings.unicode_encode(folded, "UTF-8")  # [G]
         wide = tf.where(tf.cast(tf.strings.length(encoded), tf.int64) > folded.row_lengths())[:, 0]  # [O] still wide
-        return tf.tensor_scatter_nd_update(window, non_ascii, encoded), tf.gather(folded, wide), tf.gather(
-            non_ascii, wide)
+        wide_next_is_word = _first_is_word(both[n_windows:], tf.gather(beyond, wide_after[:, 0]))  # [A]
+        next_is_word = tf.tensor_scatter_nd_update(ascii_next_is_word, wide_after, wide_next_is_word)
+        return (tf.tensor_scatter_nd_update(window, non_ascii, encoded), tf.gather(folded, wide),
+                tf.gather(non_ascii, wide), next_is_word)
 
-    text, wide_folded, wide = tf.cond(  # [B]: ASCII rows as they are, the others folded; [O, None]; [O, 1]
-        tf.size(non_ascii) > 0, fold_non_ascii_rows,
+    # [B]: ASCII rows as they are, the others folded; [O, None]; [O, 1]; [B]
+    text, wide_folded, wide, next_is_word = tf.cond(
+        tf.size(non_ascii) + tf.size(wide_after) > 0, fold_non_ascii_rows,
         lambda: (window, tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int32), tf.zeros([1], tf.int64)),
-                 tf.zeros([0, 1], tf.int64)))
+                 tf.zeros([0, 1], tf.int64), ascii_next_is_word))
     n_rows = tf.shape(text)[0]
     n_bytes = tf.strings.length(text)  # [B]
     width = tf.maximum(tf.reduce_max(tf.concat([n_bytes, [0]], 0)), 1)
     raw = tf.cast(tf.io.decode_raw(text, tf.uint8, fixed_length=width), tf.int32)  # [B, width]
-    symbols = tf.constant(_symbol_table())  # [256]
     symbol = tf.pad(tf.gather(symbols, raw), [[0, 0], [1, 2]])  # [B, C]
     offset = tf.broadcast_to(tf.range(-1, width + 2), [n_rows, width + 3])  # [B, C]
     source = tf.strings.lower(text)  # [B]
@@ -243,7 +277,8 @@ def _code_point_grid(window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
                 tf.tensor_scatter_nd_update(n_bytes, wide, tf.cast(wide_folded.row_lengths(), tf.int32)),
                 tf.constant(True))
 
-    return tf.cond(tf.size(wide) > 0, put_wide_rows, lambda: (symbol, offset, source, n_bytes, tf.constant(False)))
+    grid = tf.cond(tf.size(wide) > 0, put_wide_rows, lambda: (symbol, offset, source, n_bytes, tf.constant(False)))
+    return (*grid, next_is_word)
 
 
 def _dense_substrings(source: tf.Tensor, where: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
@@ -261,8 +296,9 @@ def _dense_substrings(source: tf.Tensor, where: tf.Tensor, start: tf.Tensor, end
 def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool, bigrams: bool,
                    max_words: int, max_chars: int) -> tf.RaggedTensor:
     """[B] strings -> int64 [B, None]: to_hash_bucket_fast(tokens(text), buckets), computed on a grid."""
-    window, cut = _window(text, max_chars)
-    symbol, offset, source, n_chars, has_other = _code_point_grid(window)  # [B, C], [B, C], [B], [B], []
+    window, after, beyond = _window(text, max_chars)
+    symbol, offset, source, n_chars, has_other, next_is_word = _code_point_grid(
+        window, after, beyond)  # [B, C], [B, C], [B], [B], [], [B]
     n_rows = tf.shape(symbol, out_type=tf.int64)[0]
     n_columns = tf.shape(symbol, out_type=tf.int64)[1]
     is_word = symbol > 0  # [B, C]
@@ -272,7 +308,8 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
     n_words = tf.math.bincount(tf.cast(first[:, 0], tf.int32), minlength=tf.cast(n_rows, tf.int32),
                                maxlength=tf.cast(n_rows, tf.int32))  # [B]
     ends_in_word = tf.gather(is_word, n_chars, batch_dims=1)  # [B] the window's last character is a word's
-    limit = tf.clip_by_value(n_words - tf.cast(tf.logical_and(cut, ends_in_word), tf.int32), 0, max_words)  # [B]
+    cut_word = tf.logical_and(ends_in_word, next_is_word)  # [B] ... and the text's next character too
+    limit = tf.clip_by_value(n_words - tf.cast(cut_word, tf.int32), 0, max_words)  # [B]
 
     def keep_first_words():  # the first `limit` words of each row; the grid cropped after them
         row = first[:, 0]  # [W]

@@ -171,7 +171,13 @@ class ScannTopK(tfrs.layers.factorized_top_k.TopK):
         pre, leaves = search_arguments(self.options)
         handle = self.state.recreate_handle()
         result = scann_ops.scann_search_batched(handle, queries, k, pre, leaves, False)
-        indices, scores = _fill_padding(result.indices, result.distances)
+        # ScaNN answers [B, n] with n the most results any query got (n < k when the searched leaves hold
+        # fewer products; [0, 0] for an empty batch) and declares no static shape. Pad to [B, k] and say so,
+        # so the exported `retrieval` signature declares [None, k] like `retrieval_exact`.
+        missing = tf.maximum(k - tf.shape(result.indices)[1], 0)
+        indices = tf.reshape(tf.pad(result.indices, [[0, 0], [0, missing]], constant_values=-1), [-1, k])
+        scores = tf.reshape(tf.pad(result.distances, [[0, 0], [0, missing]], constant_values=float("nan")), [-1, k])
+        indices, scores = _fill_padding(indices, scores)
         return scores, indices
 
     def call(self, queries, k: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:

@@ -125,7 +125,15 @@ def to_relevance(column: pa.Array, path: str, flag) -> pa.Array:
     else:
         raise DataError(f"{path}: column {name} (every row) has type {t}; expected numbers")
     flag(np.flatnonzero(np.isnan(values) & ~nulls), name, "NaN relevance; leave the cell empty (null) for an ungraded pair")
-    return pa.array(values.astype(np.float32), mask=nulls | np.isnan(values), type=pa.float32())
+    with np.errstate(over="ignore"):
+        grades = values.astype(np.float32)
+    infinite = np.isinf(values) & ~nulls
+    flag(np.flatnonzero(infinite), name, lambda i: f"relevance {values[i]:g}; give a finite grade, or leave the cell "
+         "empty (null) for an ungraded pair")
+    too_large = np.isinf(grades) & np.isfinite(values) & ~nulls
+    flag(np.flatnonzero(too_large), name, lambda i: f"relevance {values[i]:g} is too large for a 32-bit float "
+         f"(at most {np.finfo(np.float32).max:.4g}); give the grade on a smaller scale")
+    return pa.array(grades, mask=nulls | ~np.isfinite(grades), type=pa.float32())
 
 
 def parse_list_cells(column: pa.Array, path: str, flag) -> pa.Array:
@@ -173,7 +181,10 @@ def to_embedding(column: pa.Array, path: str, dim: int | None, flag) -> tuple[pa
         raise DataError(f"{path}: column {name} (every row) has type {column.type}; expected a list of floats")
     elif not (pa.types.is_floating(column.type.value_type) or pa.types.is_integer(column.type.value_type)):
         raise DataError(f"{path}: column {name} (every row) has type {column.type}; expected a list of floats")
-    column = column.cast(pa.list_(pa.float32()))
+    # Integers beyond 2**24 fail a safe cast to float32: go through float64, unchecked (float64 -> float32 is not
+    # checked either; values beyond float32 are flagged below).
+    column = column.cast(pa.list_(pa.float32() if pa.types.is_float32(column.type.value_type) else pa.float64()),
+                         safe=False)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     valid = ~np.isnan(lengths.astype(np.float64))  # null embeddings (no image) have null length
     if dim is None:
@@ -181,13 +192,24 @@ def to_embedding(column: pa.Array, path: str, dim: int | None, flag) -> tuple[pa
         if len(first):
             dim = int(lengths[first[0]])
     size = dim or 0
-    wrong = valid & (np.nan_to_num(lengths) != size)
+    # An empty list is never an embedding (not even when no row has one): null is how a row says "no image".
+    empty = valid & (np.nan_to_num(lengths) == 0)
+    values_wanted = f"its {size} values" if size else "its values"
+    flag(np.flatnonzero(empty), name,
+         f"image embedding is an empty list; give {values_wanted}, or null (no value) for no image")
+    wrong = (valid & (np.nan_to_num(lengths) != size)) | empty
     flag(np.flatnonzero(wrong), name, lambda i: f"image embedding has length {int(lengths[i])}, expected {size}")
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     if len(values) and not np.isfinite(values).all():
-        offsets = column.offsets.to_numpy()
-        row_of_value = np.searchsorted(offsets, np.flatnonzero(~np.isfinite(values)), side="right") - 1
-        flag(np.unique(row_of_value), name, "image embedding holds NaN or infinity")
+        row_of_value = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)  # right for slices too
+        flag(np.unique(row_of_value[~np.isfinite(values)]), name, "image embedding holds NaN or infinity")
+    if values.dtype == np.float64 and len(values):
+        too_large = np.abs(np.nan_to_num(values, posinf=0.0, neginf=0.0)) > np.finfo(np.float32).max
+        if too_large.any():
+            row_of_value = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            flag(np.unique(row_of_value[too_large]), name,
+                 "image embedding holds a value too large for a 32-bit float (more than 3.4e38)")
+        column = column.cast(pa.list_(pa.float32()))
     # Rows that are flagged are dropped later; make the column castable to fixed size now.
     fixed = pa.list_(pa.float32(), size or 1)
     keep = pa.array(~wrong)

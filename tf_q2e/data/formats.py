@@ -92,6 +92,8 @@ def read_batches(path: str, batch_rows: int = DEFAULT_BATCH_ROWS, row_groups: li
     fmt = file_format(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file (a directory?); give the path of a {fmt} file")
     if fmt == "parquet":
         return _read_parquet(path, batch_rows, row_groups)
     if row_groups is not None:
@@ -121,15 +123,25 @@ def _read_parquet(path: str, batch_rows: int, row_groups: list[int] | None) -> I
     groups = range(len(sizes)) if row_groups is None else row_groups
     for g in groups:
         row = starts[g]
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g]):
-            yield RawBatch(batch, row)
-            row += batch.num_rows
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g]):
+                yield RawBatch(batch, row)
+                row += batch.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(
+                f"{path}: row group {g} (rows {starts[g]}-{starts[g + 1] - 1}): corrupt data, cannot be read "
+                f"({_one_line(e)}); rewrite the file from its source"
+            ) from e
 
 
 def _read_csv(path: str, batch_rows: int) -> Iterator[RawBatch]:
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     with open(path, "rb") as f:
         header_line = f.readline()
+    if not header_line.strip():
+        why = "the file is empty" if not header_line else "the file starts with a blank line"
+        raise DataError(f"{path}: row 0 (header): no header row ({why}); "
+                        "the first line must name the columns, see the schema in README.md")
     try:
         header = next(csv.reader([header_line.decode("utf-8-sig")], delimiter=delimiter))
     except (UnicodeDecodeError, StopIteration) as e:
@@ -137,21 +149,61 @@ def _read_csv(path: str, batch_rows: int) -> Iterator[RawBatch]:
     if len(set(header)) != len(header):
         dupes = sorted({h for h in header if header.count(h) > 1})
         raise DataError(f"{path}: header: duplicate column names {dupes}")
-    reader = pa_csv.open_csv(
-        path,
-        read_options=pa_csv.ReadOptions(block_size=1 << 22, skip_rows=1, column_names=header),
-        parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(column_types={name: pa.binary() for name in header}),
-    )
     row = 1
     try:
+        # open_csv parses the first block already, so it is inside the try too.
+        reader = pa_csv.open_csv(
+            path,
+            read_options=pa_csv.ReadOptions(block_size=1 << 22, skip_rows=1, column_names=header),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types={name: pa.binary() for name in header}),
+        )
         for batch in reader:
             for start in range(0, batch.num_rows, batch_rows):
                 part = batch.slice(start, batch_rows)
                 yield RawBatch(part, row)
                 row += part.num_rows
     except pa.ArrowInvalid as e:
-        raise DataError(f"{path}: near row {row}: malformed CSV ({e})") from e
+        found = _find_malformed_csv_row(path, delimiter, len(header))
+        if found is not None:
+            raise DataError(f"{path}: row {found[0]}: malformed CSV: {found[1]}; fix the row "
+                            "(quote cells that hold the delimiter, a quote or a line break)") from e
+        raise DataError(f"{path}: near row {row}: malformed CSV ({_one_line(e)})") from e
+
+
+def _find_malformed_csv_row(path: str, delimiter: str, n_columns: int) -> tuple[int, str] | None:
+    """`(row, what is wrong)` of the first data row without `n_columns` cells, read with Python's csv module.
+
+    Only called after Arrow's parser failed, to name the row (Arrow reports a
+    block, not a row). Blank lines are not rows, as in Arrow. None if every row
+    looks right to Python's parser.
+    """
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            records = csv.reader(f, delimiter=delimiter)
+            next(records, None)  # the header
+            row = 0
+            for cells in records:
+                if not cells:
+                    continue
+                row += 1
+                if len(cells) != n_columns:
+                    unclosed = len(cells) < n_columns and any("\n" in cell or "\r" in cell for cell in cells)
+                    hint = " (a quoted cell runs over several lines: is a quote left open?)" if unclosed else ""
+                    return row, f"expected {n_columns} columns, got {len(cells)}{hint}"
+    except (csv.Error, OSError):
+        return None
+    finally:
+        csv.field_size_limit(limit)
+    return None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (Arrow quotes whole rows)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_jsonl(path: str, batch_rows: int) -> Iterator[RawBatch]:
@@ -188,7 +240,7 @@ def _parse_json_line(line: bytes, row: int) -> tuple[dict | None, RowProblem | N
         # Find the field that holds the bad byte so the message can name it.
         try:
             record = json.loads(line.decode("utf-8", errors="surrogateescape"))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON either: the row as a whole is unreadable
             record = None
         bad = [k for k, v in record.items() if isinstance(v, str) and _has_surrogate(v)] if isinstance(record, dict) else []
         if not bad:
@@ -198,6 +250,11 @@ def _parse_json_line(line: bytes, row: int) -> tuple[dict | None, RowProblem | N
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return None, RowProblem(row, UNREADABLE, f"not a JSON object ({e.msg} at character {e.pos})")
+    except RecursionError:
+        return None, RowProblem(row, UNREADABLE, "not readable JSON: nested too deeply")
+    except ValueError as e:  # json.loads of an integer longer than Python converts (4300 digits)
+        what = "an integer too long to convert" if "integer string conversion" in str(e) else _one_line(e)
+        return None, RowProblem(row, UNREADABLE, f"not readable JSON: {what}")
     if not isinstance(record, dict):
         return None, RowProblem(row, UNREADABLE, f"not a JSON object but {type(record).__name__}")
     return record, None
@@ -223,7 +280,7 @@ def _rows_to_batch(rows: list[dict | None], first_row: int, problems: list[RowPr
                 problems.append(RowProblem(first_row + i, name, f"expected {_expected_kind(name)}, got {type(value).__name__} {_preview(value)}"))
                 value = None
             values.append(value)
-        arrays.append(_to_arrow(name, values))
+        arrays.append(_to_arrow(name, values, first_row, problems))
     if not names:  # no readable row: keep the row count so problems line up
         names, arrays = [UNREADABLE_ROW], [pa.nulls(len(rows))]
     batch = pa.RecordBatch.from_arrays(arrays, names=names)
@@ -255,12 +312,29 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float))  # bool is an int: true/false are accepted labels
 
 
-def _to_arrow(name: str, values: list) -> pa.Array:
+def _to_arrow(name: str, values: list, first_row: int, problems: list[RowProblem]) -> pa.Array:
+    """One column of a row batch; a number too large for a float64 becomes null plus a problem."""
     if name in LIST_COLUMNS:
-        return pa.array(values, type=pa.list_(pa.float64()))
+        try:
+            return pa.array(values, type=pa.list_(pa.float64()))
+        except (pa.ArrowInvalid, OverflowError):  # an integer beyond int64 or float64
+            values = [_floats_or_flag(name, v, first_row + i, problems) for i, v in enumerate(values)]
+            return pa.array(values, type=pa.list_(pa.float64()))
     if name in NUMBER_COLUMNS:
-        return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
+        return pa.array([_floats_or_flag(name, v, first_row + i, problems) for i, v in enumerate(values)],
+                        type=pa.float64())
     return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def _floats_or_flag(name: str, value, row: int, problems: list[RowProblem]):
+    """`value` (a number or a list of numbers) as float(s); None and a problem if one is beyond float64."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value] if isinstance(value, list) else float(value)
+    except OverflowError:
+        problems.append(RowProblem(row, name, f"number too large for a 64-bit float: {_preview(value)}"))
+        return None
 
 
 def _preview(value, limit: int = 40) -> str:

@@ -12,11 +12,12 @@ column. What happens to a bad row is `on_bad_rows`:
   with `error`, so it can list every problem before failing).
 
 Checks per row: missing or wrong-typed value, empty `query` or `product_title`,
-non-UTF-8 text, an `engaged` label that is NaN or not 1/0/-1, a NaN
-`relevance`, an image embedding of the wrong length or with NaN/inf, and a
+non-UTF-8 text, an `engaged` label that is NaN or not 1/0/-1, a `relevance`
+that is NaN, infinite or beyond float32, an image embedding that is an empty
+list, of the wrong length, or with NaN/inf or a value beyond float32, and a
 `product_id` whose fields differ from those seen first for it (the catalogue's,
-when a catalogue is given). A missing required column, or a Parquet column of a
-type that cannot hold the field, fails the whole file.
+when a catalogue is given). A missing required column, a repeated column name,
+or a Parquet column of a type that cannot hold the field, fails the whole file.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ class Validator:
 
     def _check_columns(self, path: str, kind: str, arrow_schema: pa.Schema, report: FileReport) -> None:
         names = [n for n in arrow_schema.names if n != UNREADABLE_ROW]
+        if len(set(names)) != len(names):  # CSV headers are checked by the reader; Parquet files can repeat a name
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"{path}: duplicate column names {dupes}; keep one column of each name")
         required = S.REQUIRED_CATALOG_COLUMNS if kind == "catalog" else S.REQUIRED_IMPRESSION_COLUMNS
         missing = [c for c in required if c not in names]
         if missing and UNREADABLE_ROW not in arrow_schema.names:
@@ -391,6 +395,10 @@ def dataset_files(data_dir: str) -> tuple[str, dict[str, str]]:
 def _find(data_dir: str, stem: str) -> str | None:
     found = [os.path.join(data_dir, stem + suffix) for suffix in SUPPORTED_SUFFIXES
              if os.path.exists(os.path.join(data_dir, stem + suffix))]
+    for path in found:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not a regular file (a directory?); the data set's {stem} file must be a file "
+                            f"such as {stem}.parquet or {stem}.csv")
     if len(found) > 1:
         raise DataError(f"{data_dir}: more than one {stem} file ({', '.join(map(os.path.basename, found))}); keep one")
     return found[0] if found else None
