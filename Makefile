@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # The main job on the built-in synthetic marketplace: synth -> validate -> train
-# -> index (tuned) -> export -> serve -> three queries through the
+# -> evaluate (prints the metrics table) -> index (tuned) -> export -> serve -> three queries through the
 # tensorflow-serving-api client (gRPC, the ScaNN model), then the server stops.
 Q2E := $(VENV)/bin/q2e
 GRPC_PORT ?= 8500
@@ -35,6 +35,7 @@ run: install
 	$(Q2E) synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
 	$(Q2E) validate --config configs/default.yaml --data $(RUN_DIR)/data
 	$(Q2E) train --config configs/smoke.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/train
+	$(Q2E) evaluate --run $(RUN_DIR)/train --bootstrap 200
 	$(Q2E) index --run $(RUN_DIR)/train --tune --target-recall 0.95
 	$(Q2E) export --run $(RUN_DIR)/train --out $(RUN_DIR)/serving
 	$(Q2E) serve --model-base $(RUN_DIR)/serving --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) > $(RUN_DIR)/serve.log 2>&1 & \
