@@ -15,6 +15,23 @@ from tf_q2e.data.formats import write_table  # noqa: E402
 
 IMAGE_DIM = 3
 
+# A tiny model for training tests (config overrides); `train.steps_per_execution=1`: one step per
+# call, as a loop of steps traces slower than tiny tests run (and observers see every step).
+SMALL = [
+    "features.buckets=4096",
+    "features.category_buckets=128",
+    "features.context_buckets=64",
+    "features.max_words=16",
+    "model.embedding_dim=16",
+    "model.text_embedding_dim=16",
+    "model.hidden_dim=32",
+    "train.global_batch_size=128",
+    "train.shuffle_buffer=2000",
+    "train.learning_rate=0.01",
+    "train.early_stopping_patience=0",
+    "train.steps_per_execution=1",
+]
+
 
 def product(i: int) -> dict:
     return {

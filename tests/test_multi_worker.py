@@ -12,26 +12,12 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SMALL
 
 from tf_q2e.data.synth import generate
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "multi_worker_train.py")
 
-# As tests/test_train.py's SMALL.
-SMALL = [
-    "features.buckets=4096",
-    "features.category_buckets=128",
-    "features.context_buckets=64",
-    "features.max_words=16",
-    "model.embedding_dim=16",
-    "model.text_embedding_dim=16",
-    "model.hidden_dim=32",
-    "train.global_batch_size=128",
-    "train.shuffle_buffer=2000",
-    "train.learning_rate=0.01",
-    "train.early_stopping_patience=0",
-    "train.steps_per_execution=1",
-]
 WORKERS = 2
 
 

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SMALL
 from tensorflow.core.util import event_pb2
 
 from tf_q2e.config import load_config
@@ -30,21 +31,6 @@ from tf_q2e.train import train
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 TRAIN_OBSERVED = os.path.join(SCRIPTS, "train_observed.py")
 
-# As tests/test_train.py's SMALL.
-SMALL = [
-    "features.buckets=4096",
-    "features.category_buckets=128",
-    "features.context_buckets=64",
-    "features.max_words=16",
-    "model.embedding_dim=16",
-    "model.text_embedding_dim=16",
-    "model.hidden_dim=32",
-    "train.global_batch_size=128",
-    "train.shuffle_buffer=2000",
-    "train.learning_rate=0.01",
-    "train.early_stopping_patience=0",
-    "train.steps_per_execution=1",  # one step per call: the observer sees every step
-]
 EPOCHS, STEPS = 3, 30
 KILL_AFTER_BATCH = 9  # 0-based: SIGKILL once 10 steps of epoch 2 are done (of 30)
 

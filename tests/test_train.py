@@ -12,26 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import SMALL
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.pipeline import dataset_from_dir
 from tf_q2e.data.synth import generate
 from tf_q2e.train import build_model, load_model, train
 
-SMALL = [
-    "features.buckets=4096",
-    "features.category_buckets=128",
-    "features.context_buckets=64",
-    "features.max_words=16",
-    "model.embedding_dim=16",
-    "model.text_embedding_dim=16",
-    "model.hidden_dim=32",
-    "train.global_batch_size=128",
-    "train.shuffle_buffer=2000",
-    "train.learning_rate=0.01",
-    "train.early_stopping_patience=0",
-    "train.steps_per_execution=1",  # a loop of steps traces slower than tiny tests run
-]
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ class DenseRetriever:
         self.vectors = vectors
         self.position = {p: i for i, p in enumerate(self.product_ids)}
         self._tf = tf
+        self._cached: tuple[Judged, np.ndarray] | None = None  # the last split's query vectors
 
     def query_vectors(self, judged: Judged, batch: int = 1024) -> np.ndarray:
         tf = self._tf
@@ -149,11 +150,10 @@ class DenseRetriever:
         return np.array(values)
 
     def _queries(self, judged: Judged) -> np.ndarray:
-        cached = getattr(judged, "_dense_queries", None)
-        if cached is None or cached[0] is not self:
-            cached = (self, self.query_vectors(judged))
-            judged._dense_queries = cached
-        return cached[1]
+        """The split's query vectors, computed once for search, pair scores and in-batch recall."""
+        if self._cached is None or self._cached[0] is not judged:
+            self._cached = (judged, self.query_vectors(judged))
+        return self._cached[1]
 
     def _rows(self, product_ids: np.ndarray) -> np.ndarray:
         try:
@@ -260,9 +260,8 @@ def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None)
     if not data_dir:
         raise InputError(f"{run_dir}: the run's config names no data set; pass --data DIR")
     catalog, _ = dataset_files(data_dir)
-    if os.path.exists(os.path.join(run_dir, INDEX_DIR, META_FILE)) and \
-            load_index(run_dir).meta.get("catalog") == os.path.abspath(catalog):
-        index = load_index(run_dir)
+    index = load_index(run_dir) if os.path.exists(os.path.join(run_dir, INDEX_DIR, META_FILE)) else None
+    if index is not None and index.meta.get("catalog") == os.path.abspath(catalog):
         ids, vectors = index.product_ids, index.vectors
     else:
         (log or _log)(f"embedding the catalogue {catalog} (no index of it in {run_dir})")

@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from tf_q2e.data import schema as S
 from tf_q2e.errors import InputError
-from tf_q2e.index import Index, ScannTopK, catalog_columns, gather_or_empty, load_index
+from tf_q2e.index import Index, ScannTopK, catalog_columns, gather_or_empty, load_index, product_spec
 
 SCANN_SUFFIX = "_scann"
 MODELS_CONFIG = "models.config"
@@ -60,13 +60,6 @@ SCANN_SIGNATURES = ("retrieval",)
 
 def query_spec(context_columns: tuple[str, ...]) -> dict[str, tf.TensorSpec]:
     return {c: tf.TensorSpec([None], tf.string, name=c) for c in (S.QUERY, *context_columns)}
-
-
-def product_spec(image_dim: int) -> dict[str, tf.TensorSpec]:
-    spec = {c: tf.TensorSpec([None], tf.string, name=c) for c in catalog_columns(0)[1:]}
-    if image_dim:
-        spec[S.PRODUCT_IMAGE_EMBEDDING] = tf.TensorSpec([None, image_dim], tf.float32, name=S.PRODUCT_IMAGE_EMBEDDING)
-    return spec
 
 
 def _strings(values: np.ndarray) -> tf.Variable:

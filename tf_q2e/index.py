@@ -199,12 +199,18 @@ def catalog_columns(image_dim: int) -> list[str]:
         [S.PRODUCT_IMAGE_EMBEDDING] if image_dim else [])
 
 
+def product_spec(image_dim: int) -> dict[str, tf.TensorSpec]:
+    """The product tower's inputs: the text fields [B] string, the image embedding [B, image_dim] when present."""
+    spec = {c: tf.TensorSpec([None], tf.string, name=c) for c in catalog_columns(0)[1:]}
+    if image_dim:
+        spec[S.PRODUCT_IMAGE_EMBEDDING] = tf.TensorSpec([None, image_dim], tf.float32, name=S.PRODUCT_IMAGE_EMBEDDING)
+    return spec
+
+
 def product_encoder(model) -> tf.types.experimental.GenericFunction:
     """The product tower as one traced function of product-field tensors (no retracing per batch)."""
-    spec = {c: tf.TensorSpec([None], tf.string, name=c) for c in catalog_columns(0)[1:]}
-    if model.image_dim:
-        spec[S.PRODUCT_IMAGE_EMBEDDING] = tf.TensorSpec([None, model.image_dim], tf.float32, name=S.PRODUCT_IMAGE_EMBEDDING)
-    return tf.function(lambda features: model.product_tower(features, training=False), input_signature=[spec])
+    return tf.function(lambda features: model.product_tower(features, training=False),
+                       input_signature=[product_spec(model.image_dim)])
 
 
 def embed_catalog(model, catalog_path: str, batch_size: int = 4096, on_bad_rows: str = "error", progress=None):
