@@ -17,7 +17,7 @@ from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.pipeline import dataset_from_dir
 from tf_q2e.data.synth import generate
-from tf_q2e.train import build_model, load_model, train
+from tf_q2e.train import build_model, load_model, split_reading, train
 
 
 
@@ -201,3 +201,19 @@ def test_learned_engagement_bias_trains_through_model_fit(data_dir, tmp_path):
     assert np.isfinite(history["loss"][0])
     bias = load_model(run).engagement.bias
     assert bias is not None and float(bias.numpy()) != 0.0  # updated by the optimizer
+
+
+def test_auto_cache_only_for_splits_an_iterator_reads_to_the_end():
+    """tf.data drops (and warns about) a cache whose iterator stopped early: auto does not build one."""
+    config = load_config(None, SMALL)
+    model = build_model(config, 4, ("query_country",))
+    t = config.train
+    whole = split_reading(t, 1000, model)
+    assert whole["cache"] == "" and whole["chunk_fn"] is not None
+    partial = split_reading(t, 1000, model, rows_read=999)
+    assert partial["cache"] is None and partial["chunk_fn"] is not None  # still hashed in the pipeline
+    assert split_reading(t, 1000, model, rows_read=5000)["cache"] == ""
+    forced = split_reading(dataclasses.replace(t, cache="memory"), 1000, model, rows_read=10)
+    assert forced["cache"] == ""
+    off = split_reading(dataclasses.replace(t, cache="none"), 1000, model)
+    assert off["cache"] is None and off["chunk_fn"] is None

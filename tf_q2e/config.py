@@ -152,7 +152,9 @@ class TrainConfig:
         2-core CPU it is slower (the pipeline and the step fight for the cores).
       cache: keep the hashed rows in memory after the first epoch, so later
         epochs neither read, validate nor hash: `memory`, `none`, or `auto`
-        (memory when a split has at most 1,000,000 rows; about 2 KB a row).
+        (memory when a split has at most 1,000,000 rows, about 2 KB a row,
+        and the run reads it to the end: a `steps_per_epoch` run that stops
+        short of one pass hashes that split in the pipeline, uncached).
       early_stopping_patience: epochs without a better `early_stopping_monitor`
         before stopping (the best epoch's weights are kept); 0 = never stop early.
       early_stopping_monitor: the validation metric early stopping watches:

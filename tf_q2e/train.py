@@ -120,14 +120,19 @@ def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...]
     return model
 
 
-def split_reading(t, rows: int, model: Que2EngageModel) -> dict:
+def split_reading(t, rows: int, model: Que2EngageModel, rows_read: int | None = None) -> dict:
     """`ImpressionPipeline.dataset` arguments for a split of `rows` rows under `train` config `t`.
 
     Cached in memory after the first pass (`train.cache`), with the text hashed
     before caching; else hashed in the pipeline only with `featurize_in_pipeline`.
+    `rows_read` is how many rows one iterator will take (None: all of them):
+    `auto` does not cache a split that no iterator reads to the end, since
+    tf.data throws such a partial cache away (and warns); it still hashes
+    that split in the pipeline.
     """
-    cached = t.cache == "memory" or (t.cache == "auto" and rows <= AUTO_CACHE_ROWS)
-    hashed = cached or t.featurize_in_pipeline
+    small = t.cache == "memory" or (t.cache == "auto" and rows <= AUTO_CACHE_ROWS)
+    cached = t.cache == "memory" or (small and (rows_read is None or rows_read >= rows))
+    hashed = small or t.featurize_in_pipeline
     return {"cache": "" if cached else None, "chunk_fn": model.featurize if hashed else None}
 
 
@@ -209,8 +214,17 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
 
     rows = {r.path: r.rows_kept for r in report.files}
 
+    steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
+    validation_steps = t.validation_steps
+    if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
+        n = rows[splits["validation"]]
+        validation_steps = max(1, n // t.global_batch_size if replicas > 1 else -(-n // t.global_batch_size))
+    # fit keeps one iterator over the repeated training data for all epochs, and
+    # starts a new validation iterator every epoch.
+    rows_read = {"train": steps * t.global_batch_size * t.epochs, "validation": (validation_steps or 0) * t.global_batch_size}
+
     def reading(split: str) -> dict:
-        return split_reading(t, rows[splits[split]], model)
+        return split_reading(t, rows[splits[split]], model, rows_read[split])
 
     def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
@@ -239,11 +253,6 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
                 patience=t.early_stopping_patience, restore_best_weights=True
             )
         )
-    steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
-    validation_steps = t.validation_steps
-    if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
-        n = rows[splits["validation"]]
-        validation_steps = max(1, n // t.global_batch_size if replicas > 1 else -(-n // t.global_batch_size))
     _log(f"training on {replicas} replica(s), global batch {t.global_batch_size}, {t.epochs} epoch(s) of {steps} steps")
     history = model.fit(
         strategy.distribute_datasets_from_function(train_data),
