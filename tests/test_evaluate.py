@@ -11,7 +11,7 @@ import pytest
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.evaluate import BM25Retriever, DenseRetriever, Judged, comparison_table, evaluate, load_judged
+from tf_q2e.evaluate import BM25Retriever, Judged, comparison_table, evaluate, load_judged
 from tf_q2e.train import train
 
 TINY = [
