@@ -17,7 +17,7 @@ from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.pipeline import dataset_from_dir
 from tf_q2e.data.synth import generate
-from tf_q2e.train import build_model, load_model, split_reading, train
+from tf_q2e.train import HistoryFile, build_model, load_model, split_reading, train
 
 
 
@@ -217,3 +217,71 @@ def test_auto_cache_only_for_splits_an_iterator_reads_to_the_end():
     assert forced["cache"] == ""
     off = split_reading(dataclasses.replace(t, cache="none"), 1000, model)
     assert off["cache"] is None and off["chunk_fn"] is None
+
+
+def _toy_model() -> tf.keras.Model:
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+class _Interrupt(tf.keras.callbacks.Callback):
+    """Raises at the start of epoch `at` (0-based): fit ends without on_train_end, like a killed process."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise RuntimeError("interrupted")
+
+
+def test_history_file_keeps_the_epochs_before_a_backup_resume(tmp_path):
+    """history.json after BackupAndRestore resumes at epoch 3 of 5: epochs 1-2 of the interrupted fit, then 3-5.
+
+    The interrupted fit had also written a third entry (history.json is
+    written before the backup at each epoch end; here the third epoch ends
+    without a backup, as if killed between the two): the resumed fit drops it.
+    """
+    x, y = np.random.default_rng(0).normal(size=(32, 2)), np.zeros((32, 1))
+    path, backup = str(tmp_path / "history.json"), str(tmp_path / "backup")
+
+    class NoBackupAtEpoch3(tf.keras.callbacks.BackupAndRestore):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch < 2:
+                super().on_epoch_end(epoch, logs)
+
+    tf.keras.utils.set_random_seed(0)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _toy_model().fit(x, y, epochs=5, verbose=0,
+                         callbacks=[HistoryFile(path), NoBackupAtEpoch3(backup), _Interrupt(at=3)])
+    with open(path, encoding="utf-8") as f:
+        first = json.load(f)
+    assert len(first["loss"]) == 3 and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+    history_file = HistoryFile(path)
+    resumed = _toy_model().fit(x, y, epochs=5, verbose=0,
+                               callbacks=[history_file, tf.keras.callbacks.BackupAndRestore(backup)])
+    assert len(resumed.history["loss"]) == 3  # this fit ran epochs 3-5 only
+    result = history_file.finish()
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    assert recorded == result and list(recorded) == ["loss"]
+    assert recorded["loss"][:2] == first["loss"][:2]
+    assert recorded["loss"][2:] == pytest.approx(resumed.history["loss"])
+
+    # A run that starts at epoch 0 (no backup left) starts a new file.
+    fresh = HistoryFile(path)
+    _toy_model().fit(x, y, epochs=1, verbose=0, callbacks=[fresh, tf.keras.callbacks.BackupAndRestore(backup)])
+    assert len(fresh.finish()["loss"]) == 1
+
+
+def test_history_file_lists_every_epoch_when_early_stopping_restores_the_best_weights(tmp_path):
+    x, y = np.random.default_rng(0).normal(size=(32, 2)), np.zeros((32, 1))
+    history_file = HistoryFile(str(tmp_path / "history.json"))
+    model = _toy_model()
+    stopping = tf.keras.callbacks.EarlyStopping(monitor="loss", patience=1, min_delta=1e9, restore_best_weights=True)
+    keras_history = model.fit(x, y, epochs=6, verbose=0, callbacks=[history_file, stopping])
+    assert stopping.stopped_epoch == 1  # stopped after epoch 2, restored epoch 1's weights
+    assert history_file.finish()["loss"] == pytest.approx(keras_history.history["loss"]) and len(keras_history.history["loss"]) == 2

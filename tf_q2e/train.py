@@ -5,7 +5,9 @@
     RUN/config.yaml         the resolved config (defaults filled in, overrides applied)
     RUN/data_report.json    validation of the data set (RUN/quarantine/ holds skipped rows)
     RUN/model.json          what the model was built from (data dir, image_dim, context columns)
-    RUN/history.json        Keras history: metric name -> one value per epoch
+    RUN/history.json        Keras history: metric name -> one value per epoch, every epoch of
+                            the run (rewritten at each epoch end; a resumed run keeps the
+                            epochs the killed process finished)
     RUN/checkpoints/        the model's weights after each of the last 3 epochs (epoch-N)
     RUN/model/weights.*     the final weights (the best epoch's when early stopping restored
                             them); `load_model(RUN)` rebuilds the model and reads them
@@ -161,7 +163,10 @@ def _is_chief(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
 
 
 def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = None) -> dict:
-    """Trains the model on `data_dir` and writes `run_dir`; returns the Keras history dict.
+    """Trains the model on `data_dir` and writes `run_dir`; returns the run's history (as history.json).
+
+    A run resumed from its backup returns (and writes) every epoch of the run,
+    the killed process's included, not only the epochs this process ran.
 
     The run's `config.yaml` records `data.dir` as the absolute `data_dir`, so
     later commands (`q2e index`) find the data set the run was trained on.
@@ -239,7 +244,11 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         return validation.dataset(batch, training=False, input_context=context, drop_remainder=replicas > 1,
                                   **reading("validation"))
 
+    history_file = HistoryFile(os.path.join(out, "history.json"))
     callbacks = [
+        # Before BackupAndRestore: an epoch is in history.json before the backup says it is done
+        # (a kill in between leaves one entry too many, which the resumed run drops).
+        history_file,
         # Every worker gets RUN/backup: tf-keras restores all workers from its `chief/`
         # copy, which only the chief writes (a shared file system, as for RUN itself).
         tf.keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
@@ -254,7 +263,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
             )
         )
     _log(f"training on {replicas} replica(s), global batch {t.global_batch_size}, {t.epochs} epoch(s) of {steps} steps")
-    history = model.fit(
+    model.fit(
         strategy.distribute_datasets_from_function(train_data),
         epochs=t.epochs,
         steps_per_epoch=steps,
@@ -263,11 +272,63 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         callbacks=callbacks,
         verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
     )
-    logs = {name: [float(v) for v in values] for name, values in history.history.items()}
     model.weights_checkpoint().write(os.path.join(out, "model", "weights"))
-    with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
-        json.dump(logs, f, indent=2)
-    return logs
+    return history_file.finish()
+
+
+class HistoryFile(tf.keras.callbacks.Callback):
+    """Keeps `path` (history.json) holding every epoch of the run: metric name -> one value per epoch.
+
+    Rewritten atomically (a temporary file, then `os.replace`) at each epoch
+    end, so a SIGKILL leaves the epochs finished so far. When BackupAndRestore
+    resumes a killed run at epoch k (the first `on_epoch_begin` sees k > 0),
+    the first k values of each metric already in the file are kept and the
+    new epochs appended; an epoch the file lacks (e.g. it was deleted) is
+    `null`. A run starting at epoch 0 starts a new file. Values are what
+    Keras's `History` records (with early stopping's `restore_best_weights`,
+    still every epoch run).
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.history: dict[str, list] | None = None  # None until the first epoch of this process begins
+
+    def _read(self) -> dict[str, list]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self.history is None:
+            kept = self._read() if epoch > 0 else {}
+            self.history = {name: (list(values) + [None] * epoch)[:epoch]
+                            for name, values in kept.items() if isinstance(values, list)}
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self.history is None:
+            self.on_epoch_begin(epoch)
+        for name, value in (logs or {}).items():
+            values = self.history.setdefault(name, [None] * epoch)
+            values += [None] * (epoch - len(values))
+            values.append(float(value))
+        self._write()
+
+    def _write(self) -> None:
+        temporary = f"{self.path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(self.history, f, indent=2)
+        os.replace(temporary, self.path)
+
+    def finish(self) -> dict[str, list]:
+        """The run's history after `fit`, written to `path` (a run resumed after its last epoch ran none: the file's)."""
+        if self.history is None:
+            self.history = self._read()
+        self._write()
+        return self.history
 
 
 class EpochCheckpoints(tf.keras.callbacks.Callback):
