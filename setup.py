@@ -23,7 +23,7 @@ setup(
     packages=find_packages(include=["tf_q2e", "tf_q2e.*"]),
     install_requires=STACK + [
         "numpy>=1.26",
-        "pyarrow>=14",
+        "pyarrow>=14.0.1",  # 14.0.0 and older unpickle Parquet extension types (CVE-2023-47248)
         "pyyaml>=6",
         "bm25s>=0.3,<0.4",   # the BM25 baseline (q2e compare --bm25)
         "PyStemmer>=3",      # its English Snowball stemmer

@@ -38,10 +38,12 @@ from tensorflow_serving.apis import (
 )
 
 from tf_q2e.errors import InputError
-from tf_q2e.serving import commands, loader
+from tf_q2e.serving import commands, loader, registry as registry_module
 from tf_q2e.serving.client import ServingClient
 from tf_q2e.serving.errors import ServingError
+from tf_q2e.serving.registry import ModelRegistry
 from tf_q2e.serving.server import ModelServer
+from tf_q2e.serving.signatures import Limits
 
 PRODUCT_VECTORS = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0], [-1.0, 3.0], [0.5, 0.5]], np.float32)
 TITLES = [b"red sofa", b"blue bike", b"desk lamp", b"oak table", b"caf\xe9 chair"]  # the last is not UTF-8
@@ -642,6 +644,76 @@ def test_a_failing_warmup_keeps_the_version_out_of_service(tmp_path, saved_model
         assert client.predict("q2e", {"query": ["ab"]})["product_ids"][0, 0] == b"P2"
 
 
+def test_predict_with_version_reports_the_version_that_answered(tmp_path, saved_models):
+    add_version(tmp_path, "q2e", 1, saved_models["P"])
+    add_version(tmp_path, "q2e", 2, saved_models["Q"])
+    server, _ = make_server(tmp_path)
+    with server:
+        for protocol, port in (("grpc", server.grpc_port), ("rest", server.rest_port)):
+            with ServingClient(f"127.0.0.1:{port}", protocol=protocol) as client:
+                outputs, version = client.predict_with_version("q2e", {"query": ["ab"]}, "retrieval_exact")
+                assert version == 2 and outputs["product_ids"][0, 0] == b"Q2", protocol
+                outputs, version = client.predict_with_version("q2e", {"query": ["ab"]}, "retrieval_exact", version=1)
+                assert version == 1 and outputs["product_ids"][0, 0] == b"P2", protocol
+                assert client.predict("q2e", {"query": ["ab"]}, "retrieval_exact")["product_ids"][0, 0] == b"Q2"
+
+
+def test_models_load_at_the_same_time_and_a_failing_one_does_not_stop_the_other(tmp_path, saved_models, monkeypatch):
+    """Two models' first loads meet at a Barrier(2): a registry that loaded one model after the other would
+    time out there (BrokenBarrierError: both loads fail). One model then fails to load; the other serves.
+    A model's own versions still load one at a time, newest first."""
+    add_version(tmp_path, "q2e", 1, saved_models["P"])
+    add_version(tmp_path, "q2e", 2, saved_models["Q"])
+    add_version(tmp_path, "broken", 1, saved_models["P"])
+    barrier = threading.Barrier(2, timeout=20)
+    lock = threading.Lock()
+    order: list[tuple[str, int]] = []
+    running: dict[str, int] = {"q2e": 0, "broken": 0}
+    most_running: dict[str, int] = {"q2e": 0, "broken": 0}
+    real_load = registry_module.load_servable
+
+    def load(model: str, version: int, path: str, limits: Limits):
+        with lock:
+            order.append((model, version))
+            running[model] += 1
+            most_running[model] = max(most_running[model], running[model])
+        try:
+            if (model, version) in (("q2e", 2), ("broken", 1)):  # each model's first load
+                barrier.wait()
+            if model == "broken":
+                raise loader.LoadError(grpc.StatusCode.INVALID_ARGUMENT, "the SavedModel is broken")
+            return real_load(model, version, path, limits)
+        finally:
+            with lock:
+                running[model] -= 1
+
+    monkeypatch.setattr(registry_module, "load_servable", load)
+    lines: list[str] = []
+    registry = ModelRegistry(str(tmp_path), keep_versions=2, limits=Limits(MAX_BATCH, MAX_REQUEST_BYTES),
+                             log=lines.append, max_concurrent_loads=2)
+    try:
+        registry.refresh()
+        assert [(s.version, s.state) for s in registry.statuses("q2e")] == [(2, "AVAILABLE"), (1, "AVAILABLE")], lines
+        [broken] = registry.statuses("broken")
+        assert broken.state == "END" and "the SavedModel is broken" in broken.error.message
+        assert any("could not load model 'broken' version 1" in line for line in lines)
+        assert registry.servable("q2e").version == 2
+        assert [entry for entry in order if entry[0] == "q2e"] == [("q2e", 2), ("q2e", 1)]  # newest first
+        assert most_running == {"q2e": 1, "broken": 1}  # one version of a model at a time
+    finally:
+        registry.close()
+
+
+def test_max_concurrent_loads_is_a_server_option_and_a_serve_flag(tmp_path):
+    parser = argparse.ArgumentParser()
+    commands.add_serve_arguments(parser)
+    assert parser.parse_args(["--model-base", "b"]).max_concurrent_loads == 2
+    assert parser.parse_args(["--model-base", "b", "--max-concurrent-loads", "1"]).max_concurrent_loads == 1
+    assert ModelServer(str(tmp_path), max_concurrent_loads=1).registry._max_concurrent_loads == 1
+    with pytest.raises(InputError, match="max_concurrent_loads must be at least 1"):
+        ModelServer(str(tmp_path), max_concurrent_loads=0)
+
+
 # --- the model base, models.config, binding ----------------------------------------------------
 
 
@@ -705,6 +777,27 @@ def test_models_config_base_path_outside_the_base_is_rejected(tmp_path, saved_mo
     write_config(base, ("q2e", base_path))
     with pytest.raises(InputError, match="not a directory inside the model base"):
         ModelServer(str(base), grpc_port=0, rest_port=0, log=lambda line: None).start()
+
+
+def test_models_config_base_path_through_a_symlink_out_of_the_base_is_rejected(tmp_path, saved_models):
+    base = tmp_path / "base"
+    add_version(tmp_path / "elsewhere", "q2e", 1, saved_models["P"])
+    base.mkdir()
+    os.symlink(tmp_path / "elsewhere" / "q2e", base / "q2e")  # inside the base by name, outside once resolved
+    write_config(base, ("q2e", "q2e"))
+    with pytest.raises(InputError, match="not a directory inside the model base"):
+        ModelServer(str(base), grpc_port=0, rest_port=0, log=lambda line: None).start()
+
+
+@pytest.mark.parametrize("model", ["../q2e", "q2e/1", "/q2e", "..", ""])
+def test_request_model_names_are_looked_up_never_joined_into_paths(served, grpc_client, model):
+    with pytest.raises(grpc.RpcError) as error:
+        raw_predict(served, {"query": strings("a")}, model=model)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and f"model '{model}' is not served" in error.value.details()
+    with pytest.raises(ServingError) as status_error:
+        grpc_client.status(model)
+    assert status_error.value.code == grpc.StatusCode.NOT_FOUND
+    assert_still_serving(grpc_client)
 
 
 def test_binds_loopback_by_default(served):
@@ -809,6 +902,26 @@ def test_query_without_a_server_exits_1_with_one_line(capsys, tmp_path):
     assert commands.run_query(query_args("--server", f"127.0.0.1:{port}", "--timeout", "2", "a")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("q2e: error: server 127.0.0.1:") and "UNAVAILABLE" in err[0]
+
+
+def test_serve_warns_when_it_binds_beyond_loopback(tmp_path, monkeypatch, capsys):
+    from tf_q2e.serving import server as server_module
+
+    class Stop(Exception):
+        pass
+
+    def no_start(self):
+        raise Stop  # bind nothing: the warning comes before start
+
+    monkeypatch.setattr(server_module.ModelServer, "start", no_start)
+    parser = argparse.ArgumentParser()
+    commands.add_serve_arguments(parser)
+    assert parser.parse_args(["--model-base", str(tmp_path)]).host == "127.0.0.1"
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        with pytest.raises(Stop):
+            commands.run_serve(parser.parse_args(["--model-base", str(tmp_path), "--host", host]))
+        err = capsys.readouterr().err
+        assert ("reachable from the network, with no authentication or TLS" in err) is warned, host
 
 
 def test_serve_runs_until_sigterm(tmp_path, saved_models, capsys):

@@ -9,6 +9,11 @@ code and message.
 Over REST the client first asks for the signature's metadata and then pins
 the version it names, so outputs are typed (float32 stays float32) and a
 single unnamed output gets its name, as over gRPC.
+
+`predict_with_version` also says which version answered: over gRPC the
+`model_spec.version` of the `PredictResponse`; over REST, whose predict
+response carries no version (TF Serving's neither), the version the request
+was pinned to.
 """
 
 from __future__ import annotations
@@ -99,6 +104,28 @@ class ServingClient:
 
         Returns:
             Output name -> array (strings as `bytes` in object arrays).
+        """
+        return self.predict_with_version(model, inputs, signature, version)[0]
+
+    def predict_with_version(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        signature: str = "serving_default",
+        version: int | None = None,
+    ) -> tuple[dict[str, np.ndarray], int | None]:
+        """`predict`, and the version of the model that answered.
+
+        Over gRPC the version is the `PredictResponse.model_spec.version` the
+        server reports (None if it reports none). TF Serving's REST predict
+        response carries no version; over REST this client asks the
+        metadata of `version` (None: the newest) first and posts to
+        `/v1/models/<model>/versions/<v>:predict`, so the version returned is
+        the one the request was pinned to (a server that has unloaded it in
+        between answers NOT_FOUND, not another version).
+
+        Returns:
+            (outputs as `predict` returns them, version number or None).
         """
         arrays = {name: _as_array(name, value) for name, value in inputs.items()}
         if self.protocol == "grpc":
@@ -210,17 +237,18 @@ class ServingClient:
 
     def _predict_grpc(
         self, model: str, arrays: dict[str, np.ndarray], signature: str, version: int | None
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], int | None]:
         request = predict_pb2.PredictRequest()
         _set_model_spec(request.model_spec, model, signature, version)
         for name, array in arrays.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
         response = self._call(self._predictions.Predict, request)
-        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+        answered = response.model_spec.version.value if response.model_spec.HasField("version") else None
+        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}, answered
 
     def _predict_rest(
         self, model: str, arrays: dict[str, np.ndarray], signature: str, version: int | None
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], int | None]:
         metadata = self.metadata(model, version)
         body = {"signature_name": signature, "inputs": {name: encode_tensor(array) for name, array in arrays.items()}}
         document = self._rest("POST", _model_path(model, metadata["version"]) + ":predict", body)
@@ -228,7 +256,8 @@ class ServingClient:
         named = document.get("outputs")
         if not isinstance(named, dict) or len(outputs) == 1:
             named = {name: named for name in outputs}
-        return {name: _decode_output(name, value, outputs[name]) for name, value in named.items()}
+        decoded = {name: _decode_output(name, value, outputs[name]) for name, value in named.items()}
+        return decoded, metadata["version"] or None
 
     def _call(self, method: Any, request: Any) -> Any:
         try:

@@ -35,6 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions (default 1)")
     parser.add_argument("--keep-versions", type=int, default=2, help="newest versions kept loaded per model (default 2)")
     parser.add_argument("--max-batch", type=int, default=1024, help="most rows per request (default 1024)")
+    parser.add_argument("--max-concurrent-loads", type=int, default=2,
+                        help="models loaded at the same time; one model's versions load in turn (default 2)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -54,6 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
         poll_seconds=args.poll_seconds,
         max_batch=args.max_batch,
         keep_versions=args.keep_versions,
+        max_concurrent_loads=args.max_concurrent_loads,
     )
     if args.host not in _LOOPBACK_HOSTS:
         warning = f"binding {args.host}: reachable from the network, with no authentication or TLS"

@@ -10,8 +10,11 @@ the models; otherwise every subdirectory with version directories is a model.
 `ModelRegistry.refresh` brings the loaded set in line with the disk: it loads
 the newest `keep_versions` versions of each model, newest first, and makes a
 version the default only once it is loaded and warmed up; then it unloads what
-is surplus or gone. Requests hold a reference to the `Servable` they resolved,
-so a request in flight on an unloaded version finishes on it. A version that
+is surplus or gone. Different models load in parallel (up to
+`max_concurrent_loads` at once), so a new version of one model does not wait
+for another model's load; the versions of one model load one after another.
+Requests hold a reference to the `Servable` they resolved, so a request in
+flight on an unloaded version finishes on it. A version that
 fails to load is reported in the status and not retried until its directory
 goes away (write a new version number instead of fixing one in place).
 """
@@ -23,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,6 +40,7 @@ from tf_q2e.serving.protos import VersionStatus
 from tf_q2e.serving.signatures import Limits, Servable
 
 CONFIG_FILE = "models.config"
+DEFAULT_MAX_CONCURRENT_LOADS = 2
 _VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
@@ -124,11 +129,17 @@ class ModelRegistry:
 
     `refresh` must be called from one thread at a time (the server's poller);
     `servable` and `statuses` may be called from any number of request threads.
+    `max_concurrent_loads` bounds how many models `refresh` loads at once (one
+    thread per model, each loading that model's versions in order).
     """
 
-    def __init__(self, base: str, keep_versions: int, limits: Limits, log: Callable[[str], None]) -> None:
+    def __init__(self, base: str, keep_versions: int, limits: Limits, log: Callable[[str], None],
+                 max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS) -> None:
+        if max_concurrent_loads < 1:
+            raise ValueError(f"max_concurrent_loads must be at least 1, got {max_concurrent_loads}")
         self.base = os.path.realpath(base)
         self._keep = keep_versions
+        self._max_concurrent_loads = max_concurrent_loads
         self._limits = limits
         self._log = log
         self._lock = threading.Lock()
@@ -137,18 +148,38 @@ class ModelRegistry:
     def refresh(self) -> None:
         """One scan of the base directory: load new versions, unload surplus and gone ones.
 
+        Models are refreshed in parallel, up to `max_concurrent_loads` at once;
+        returns once every model's refresh has finished. A version that fails
+        to load is recorded in its model's status (see `statuses`), not raised.
+
         Raises:
             InputError: models.config is malformed (nothing is changed then).
+            Exception: the first unexpected error of a model's refresh (e.g. its
+                directory cannot be listed), raised once the other models are done.
         """
         wanted = discover_models(self.base)
         with self._lock:
             dropped = [name for name, model in self._models.items() if wanted.get(name) != model.directory]
         for name in dropped:
             self._drop_model(name, "no longer in the model base")
+        models = []
         for name, directory in wanted.items():
             with self._lock:
-                model = self._models.setdefault(name, _Model(directory))
-            self._refresh_model(name, model)
+                models.append((name, self._models.setdefault(name, _Model(directory))))
+        workers = min(self._max_concurrent_loads, len(models))
+        errors: list[Exception] = []
+        if workers <= 1:
+            for name, model in models:
+                try:
+                    self._refresh_model(name, model)
+                except Exception as e:  # noqa: BLE001 - raised below, after the other models
+                    errors.append(e)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q2e-load") as pool:
+                done = [pool.submit(self._refresh_model, name, model) for name, model in models]
+            errors = [e for e in (future.exception() for future in done) if e is not None]
+        if errors:
+            raise errors[0]
 
     def servable(self, name: str, version: int | None = None) -> Servable:
         """The named version of a model, or its newest available one; NOT_FOUND otherwise."""

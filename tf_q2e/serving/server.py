@@ -28,7 +28,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from tf_q2e.errors import InputError
 from tf_q2e.serving.grpc_api import ModelServicer, PredictionServicer
-from tf_q2e.serving.registry import ModelRegistry
+from tf_q2e.serving.registry import DEFAULT_MAX_CONCURRENT_LOADS, ModelRegistry
 from tf_q2e.serving.rest_api import RestServer
 from tf_q2e.serving.signatures import Limits
 
@@ -57,6 +57,8 @@ class ModelServer:
         max_batch: most rows one request may carry.
         max_request_bytes: most bytes of one gRPC message or REST body.
         keep_versions: how many of each model's newest versions stay loaded.
+        max_concurrent_loads: how many models load at once (the versions of
+            one model always load one after another).
         log: where load/unload lines and internal errors go (default stderr).
     """
 
@@ -71,15 +73,17 @@ class ModelServer:
         max_request_bytes: int = 4 << 20,
         keep_versions: int = 2,
         log: Callable[[str], None] = log_to_stderr,
+        max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
     ) -> None:
-        _check_settings(base, grpc_port, rest_port, poll_seconds, max_batch, max_request_bytes, keep_versions)
+        _check_settings(base, grpc_port, rest_port, poll_seconds, max_batch, max_request_bytes, keep_versions,
+                        max_concurrent_loads)
         self.host = host
         self.grpc_port = grpc_port
         self.rest_port = rest_port
         self._poll_seconds = poll_seconds
         self._limits = Limits(max_batch=max_batch, max_request_bytes=max_request_bytes)
         self._log = log
-        self.registry = ModelRegistry(base, keep_versions, self._limits, log)
+        self.registry = ModelRegistry(base, keep_versions, self._limits, log, max_concurrent_loads)
         self._stopped = threading.Event()
         self._grpc: grpc.Server | None = None
         self._rest: RestServer | None = None
@@ -194,7 +198,8 @@ class ModelServer:
 
 
 def _check_settings(
-    base: str, grpc_port: int, rest_port: int, poll_seconds: float, max_batch: int, max_request_bytes: int, keep_versions: int
+    base: str, grpc_port: int, rest_port: int, poll_seconds: float, max_batch: int, max_request_bytes: int, keep_versions: int,
+    max_concurrent_loads: int,
 ) -> None:
     if not os.path.isdir(base):
         raise InputError(f"model base {base} is not a directory; pass the directory `q2e export --out` wrote")
@@ -203,7 +208,8 @@ def _check_settings(
             raise InputError(f"{name} must be in 0..65535 (0 picks a free port), got {port}")
     if grpc_port == rest_port != 0:
         raise InputError(f"grpc_port and rest_port are both {grpc_port}; give them different ports")
-    for name, value in (("max_batch", max_batch), ("max_request_bytes", max_request_bytes), ("keep_versions", keep_versions)):
+    for name, value in (("max_batch", max_batch), ("max_request_bytes", max_request_bytes), ("keep_versions", keep_versions),
+                        ("max_concurrent_loads", max_concurrent_loads)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
     if not poll_seconds > 0:
