@@ -141,6 +141,9 @@ class AttentionFusion(tf.keras.layers.Layer):
     def build(self, input_shape) -> None:
         self.modalities, self.dim = int(input_shape[1]), int(input_shape[2])
         self.w = tf.keras.layers.Dense(self.modalities, use_bias=False, name="w")
+        self.w.build((None, self.modalities * self.dim))
+        # One modality: the weight is 1 whatever W is, so W is kept (checkpoints) but not trained.
+        self.w.trainable = self.modalities > 1
         super().build(input_shape)
 
     def attention(self, stacked: tf.Tensor) -> tf.Tensor:
@@ -149,6 +152,8 @@ class AttentionFusion(tf.keras.layers.Layer):
         return tf.nn.softmax(tf.cast(self.w(flat), tf.float32), axis=-1)
 
     def call(self, stacked: tf.Tensor) -> tf.Tensor:
+        if self.modalities == 1:  # softmax over one modality is 1: f = φ_1 (fewer ops for a one-modality tower)
+            return stacked[:, 0]
         weights = self.attention(stacked)  # [B, N]
         return tf.einsum("bn,bnd->bd", tf.cast(weights, stacked.dtype), stacked)
 
