@@ -11,7 +11,8 @@ import pytest
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.evaluate import BM25Retriever, Judged, comparison_table, evaluate, load_judged
+from tf_q2e.evaluate import (BM25Retriever, HybridRetriever, Judged, catalogue_ranks, comparison_table, evaluate,
+                              load_judged, reciprocal_rank_fusion)
 from tf_q2e.train import train
 
 TINY = [
@@ -140,3 +141,135 @@ def test_bad_arguments(run, tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "none")]) == 2
     assert main(["compare", "--bm25"]) == 2
     assert "needs --data" in capsys.readouterr().err
+    assert main(["compare", "--hybrid"]) == 2
+    assert "needs runs" in capsys.readouterr().err
+    assert main(["compare", "--bm25", "--hybrid", "--data", "unused"]) == 2
+    assert "--hybrid needs run directories" in capsys.readouterr().err
+
+
+# -- the hybrid retriever (BM25 + dense by reciprocal rank fusion) ---------------------------------
+
+
+class StubRetriever:
+    """A retriever over a tiny catalogue with hand-set scores [Q, N] of each distinct query.
+
+    `search` lists the products scoring above `floor` (as BM25 lists only products sharing a
+    term with the query), best first, ties by catalogue order, "" after them.
+    """
+
+    def __init__(self, name, product_ids, scores, floor=-np.inf):
+        self.name, self.floor = name, floor
+        self.product_ids = np.array(product_ids, dtype=object)
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    def search(self, judged, k):
+        k = min(k, len(self.product_ids))
+        out = np.full((len(self.scores), k), "", dtype=object)
+        for q, row in enumerate(self.scores):
+            order = [i for i in np.lexsort((np.arange(len(row)), -row)) if row[i] > self.floor][:k]
+            out[q, :len(order)] = self.product_ids[order]
+        return out
+
+    def catalogue_scores(self, judged, start, stop):
+        return self.scores[start:stop]
+
+    def score_pairs(self, judged):
+        column = {p: i for i, p in enumerate(self.product_ids)}
+        return self.scores[judged.row_query, [column[p] for p in judged.row_product]].astype(np.float64)
+
+
+def _judged(rows, engaged=None):
+    """A split of (query index, product id) rows; queries "q0", "q1", ..."""
+    queries = [f"q{i}" for i in range(max(q for q, _ in rows) + 1)]
+    return Judged(queries=queries, contexts={}, row_query=np.array([q for q, _ in rows]),
+                  row_product=np.array([p for _, p in rows], dtype=object),
+                  engaged=np.array(engaged if engaged is not None else [-1] * len(rows)),
+                  relevance=np.full(len(rows), np.nan), path="split")
+
+
+def test_reciprocal_rank_fusion_matches_hand_computed_values():
+    dense = np.array([["A", "B", "C", "D"], ["E", "D", "A", "B"]], dtype=object)
+    bm25 = np.array([["C", "E", "", ""], ["D", "E", "", ""]], dtype=object)
+    ids, scores = reciprocal_rank_fusion([dense, bm25], k=5, k_rrf=60)
+    # q0: C in both (1/63 + 1/61); A, B, D dense only; E BM25 only, tied with B at 1/62: B has a dense rank, E none.
+    # q1: E (1/61 + 1/62) and D (1/62 + 1/61) tie: E is first in the dense list. C is in neither list: "" and 0.
+    assert ids.tolist() == [["C", "A", "B", "E", "D"], ["E", "D", "A", "B", ""]]
+    np.testing.assert_array_equal(scores, [[1 / 63 + 1 / 61, 1 / 61, 1 / 62, 1 / 62, 1 / 64],
+                                           [1 / 61 + 1 / 62, 1 / 62 + 1 / 61, 1 / 63, 1 / 64, 0.0]])
+    ids, scores = reciprocal_rank_fusion([dense, bm25], k=2, k_rrf=0)  # k_rrf = 0: 1 / rank
+    assert ids.tolist() == [["C", "A"], ["E", "D"]]
+    np.testing.assert_array_equal(scores, [[1 / 3 + 1 / 1, 1 / 1], [1 / 1 + 1 / 2, 1 / 2 + 1 / 1]])
+
+
+def test_hybrid_search_fuses_each_retrievers_top_depth():
+    ids = ["A", "B", "C", "D", "E"]
+    dense = StubRetriever("dense", ids, [[0.9, 0.8, 0.7, 0.6, 0.5], [0.6, 0.5, 0.2, 0.8, 0.9]])
+    bm25 = StubRetriever("bm25", ids, [[0, 0, 2, 0, 1], [0, 0, 0, 3, 2]], floor=0)
+    judged = _judged([(0, "A"), (1, "A")])
+    hybrid = HybridRetriever(dense, bm25)
+    assert hybrid.name == "hybrid(dense)"
+    # q0: C 1/63 + 1/61, E 1/65 + 1/62, A 1/61, B 1/62, D 1/64; q1: E and D tie at 1/61 + 1/62 (E is first in
+    # the dense list), then A, B, C from the dense list only. k = 8 is capped at the catalogue's 5 products.
+    assert hybrid.search(judged, 8).tolist() == [["C", "E", "A", "B", "D"], ["E", "D", "A", "B", "C"]]
+    # depth 1, k 2: each list's top 2 (= max(depth, k)); q0's A (dense 1) and C (BM25 1) tie at 1/61.
+    assert HybridRetriever(dense, bm25, depth=1).search(judged, 2).tolist() == [["A", "C"], ["E", "D"]]
+
+
+def test_hybrid_finds_what_either_retriever_finds():
+    # A and F are both engaged for q0: the dense model ranks A first and F last; BM25 matches F only.
+    ids = ["A", "B", "C", "D", "E", "F"]
+    dense = StubRetriever("dense", ids, [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.1, 0.9, 0.2, 0.3, 0.4, 0.5]])
+    bm25 = StubRetriever("bm25", ids, [[0, 0, 0, 0, 0, 2.0], [0, 1.0, 0, 0, 0, 0]], floor=0)
+    judged = _judged([(0, "A"), (0, "F"), (0, "C"), (1, "B"), (1, "A")], engaged=[1, 1, 0, 1, 0])
+    recall = {r.name: evaluate(r, judged, ks=(2,), n_boot=20)["metrics"]["recall@2"]["mean"]
+              for r in (dense, bm25, HybridRetriever(dense, bm25, name="hybrid"))}
+    assert recall == {"dense": 0.75, "bm25": 0.75, "hybrid": 1.0}  # q0: A or F alone (1/2); q1: B (1)
+    assert HybridRetriever(dense, bm25).search(judged, 2)[0].tolist() == ["F", "A"]  # F 1/66 + 1/61, A 1/61
+
+
+def test_hybrid_pair_scores_use_full_catalogue_ranks():
+    ids = ["A", "B", "C", "D", "E"]
+    # q0, dense: A 1, E 2, B and C share 3 (equal scores), D 5. BM25: B 1, D 2, A, C, E share 3 (score 0).
+    dense = StubRetriever("dense", ids, [[0.9, 0.5, 0.5, 0.1, 0.7], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    bm25 = StubRetriever("bm25", ids, [[0, 2.0, 0, 1.0, 0], [0, 0, 0, 0, 0]], floor=0)
+    hybrid = HybridRetriever(dense, bm25, depth=1)  # the depth plays no part in pair scores
+    judged = _judged([(0, "A"), (0, "C"), (0, "D"), (1, "E"), (1, "A")])
+    np.testing.assert_array_equal(hybrid.score_pairs(judged), [
+        1 / 61 + 1 / 63, 1 / 63 + 1 / 63, 1 / 65 + 1 / 62,
+        1 / 61 + 1 / 61, 1 / 65 + 1 / 61])  # q1: BM25 scores all 0, so every product has BM25 rank 1
+    random = hybrid.random_pair_scores(judged, np.random.default_rng(3))
+    drawn = np.array(ids, dtype=object)[np.random.default_rng(3).integers(0, 5, size=5)]
+    np.testing.assert_array_equal(random, hybrid.score_pairs(_judged(list(zip(judged.row_query, drawn)))))
+
+
+def test_catalogue_ranks_compare_or_sort_alike():
+    # 40 rows of q1 take the sorting path (more than 32 rows of one query), 3 rows of q0 the comparing one.
+    scores = np.array([[0.3, 0.1, 0.3, 0.2], [0.5, 0.5, 0.4, 0.9]], dtype=np.float32)
+    stub = StubRetriever("s", ["A", "B", "C", "D"], scores)
+    rows = [(0, 0), (0, 1), (0, 3)] + [(1, i % 4) for i in range(40)]
+    judged = _judged([(q, "ABCD"[c]) for q, c in rows])
+    expected = [1, 4, 3] + [[2, 2, 4, 1][i % 4] for i in range(40)]
+    np.testing.assert_array_equal(catalogue_ranks(stub, judged, np.array([c for _, c in rows])), expected)
+
+
+def test_hybrid_needs_one_catalogue():
+    dense = StubRetriever("dense", ["A", "B"], [[1, 0]])
+    with pytest.raises(ValueError, match="different catalogues"):
+        HybridRetriever(dense, StubRetriever("bm25", ["A", "C"], [[1, 0]]))
+    with pytest.raises(ValueError, match="k_rrf"):
+        HybridRetriever(dense, dense, k_rrf=-1)
+
+
+def test_q2e_compare_with_hybrid(run, tmp_path, capsys):
+    run_dir, data = run
+    out = tmp_path / "cmp"
+    assert main(["compare", run_dir, "--bm25", "--hybrid", "--out", str(out), "--bootstrap", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    name = os.path.basename(run_dir)
+    assert [line.split("|")[1].strip() for line in lines[2:5]] == [name, "bm25", f"hybrid({name})"]
+    with open(out / "compare.json") as f:
+        reports = json.load(f)
+    hybrid = reports[2]
+    assert hybrid["model"] == f"hybrid({name})" and hybrid["run"] == os.path.abspath(run_dir)
+    assert hybrid["metrics"]["recall@1000"]["mean"] == 1.0  # 300 products: the dense list holds them all
+    assert "engagement_auc_pooled" in hybrid["metrics"] and "in_batch_recall@1" not in hybrid["metrics"]

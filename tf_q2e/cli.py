@@ -130,8 +130,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     _check_bootstrap(args.bootstrap)
     if not args.runs and not args.bm25:
-        raise InputError("nothing to compare: give run directories and/or --bm25")
-    table = compare(args.runs, args.data, args.split, bm25=args.bm25, out_dir=args.out, n_boot=args.bootstrap)
+        raise InputError("nothing to compare: give run directories and/or --bm25"
+                         + (" (--hybrid fuses each run with BM25, so it needs runs)" if args.hybrid else ""))
+    table = compare(args.runs, args.data, args.split, bm25=args.bm25, hybrid=args.hybrid, out_dir=args.out,
+                    n_boot=args.bootstrap)
     print(table, end="")
     if args.out:
         print(f"wrote {args.out}: compare.md, compare.json, recall_at_k.png")
@@ -216,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default 1000)")
     p.set_defaults(handler=_evaluate)
 
-    p = verbs.add_parser("compare", help="one table of several runs (and BM25) on the same split")
+    p = verbs.add_parser("compare", help="one table of several runs (and BM25, hybrids) on the same split")
     p.add_argument("runs", nargs="*", metavar="RUN", help="trained run directories")
     p.add_argument("--bm25", action="store_true", help="add the BM25 baseline (bm25s, English stemmer)")
+    p.add_argument("--hybrid", action="store_true",
+                   help="add one row per run: its dense retrieval and BM25 fused by reciprocal rank fusion (k=60)")
     p.add_argument("--data", help="data set directory (default: the first run's)")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"), help="split to evaluate (default test)")
     p.add_argument("--out", help="also write compare.md, compare.json and recall_at_k.png here")
