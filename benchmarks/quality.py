@@ -5,7 +5,7 @@ repeat), for each data set:
 
     q2e train --config CFG --data DATA --set model.engagement_weight=L --set train.seed=S --out OUT/<data>/l<L>-s<S>
     q2e evaluate --run OUT/<data>/l<L>-s<S>
-    q2e compare ... --bm25
+    q2e compare ... --bm25 --hybrid
 
 for every weight L in --lambdas (0 = contrastive only, Que2Search) and every
 seed in --seeds, then averages each metric over the seeds and writes the
@@ -75,16 +75,20 @@ def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict
             q2e("evaluate", "--run", run, "--bootstrap", str(args.bootstrap), log=log, run=not reuse)
             runs.setdefault(f"{lam:g}", []).append(run)
     compare_dir = os.path.join(out, dataset, "compare")
-    q2e("compare", *[r for rs in runs.values() for r in rs], "--bm25", "--out", compare_dir, "--bootstrap", str(args.bootstrap), log=log)
+    q2e("compare", *[r for rs in runs.values() for r in rs], "--bm25", "--hybrid", "--out", compare_dir,
+        "--bootstrap", str(args.bootstrap), log=log)
     with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
         reports = json.load(f)
-    by_run = {r.get("run"): r for r in reports}
+    dense = {r.get("run"): r for r in reports if r["model"] != "bm25" and not r["model"].startswith("hybrid(")}
+    hybrid = {r.get("run"): r for r in reports if r["model"].startswith("hybrid(")}
     rows = {}
     for lam, rs in runs.items():
         rows[f"λ = {lam}" + (" (contrastive only)" if float(lam) == 0 else " (Que2Engage)")] = mean_over_seeds(
-            [by_run[os.path.abspath(r)] for r in rs])
+            [dense[os.path.abspath(r)] for r in rs])
     bm25 = next(r for r in reports if r["model"] == "bm25")
     rows["BM25 (bm25s, Snowball stemmer)"] = {m: (bm25["metrics"][m]["mean"], None) for m in METRICS if m in bm25["metrics"]}
+    for lam, rs in runs.items():
+        rows[f"hybrid: BM25 + λ = {lam} (RRF)"] = mean_over_seeds([hybrid[os.path.abspath(r)] for r in rs])
     return {"rows": rows, "queries": bm25["queries"], "queries_with_engaged": bm25["queries_with_engaged"],
             "compare": compare_dir}
 
@@ -109,7 +113,9 @@ def table(rows: dict, seeds: int) -> str:
                 mean, sd = values[m]
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nDense rows: mean ± standard deviation over {seeds} seed(s).\n"
+    return "\n".join(lines) + (f"\n\nDense and hybrid rows: mean ± standard deviation over {seeds} seed(s). Hybrid: the "
+                               "run's dense retrieval and BM25 fused by reciprocal rank fusion, "
+                               "1/(60 + rank_dense) + 1/(60 + rank_bm25) (`q2e compare --hybrid`).\n")
 
 
 def targets(rows: dict) -> str:
