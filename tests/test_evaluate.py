@@ -11,8 +11,10 @@ import pytest
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.evaluate import (BM25Retriever, HybridRetriever, Judged, catalogue_ranks, comparison_table, evaluate,
-                              load_judged, reciprocal_rank_fusion)
+from tf_q2e.errors import InputError
+from tf_q2e.evaluate import comparison_table, evaluate, evaluate_run, ground_truth_metrics
+from tf_q2e.judged import GroundTruth, Judged, load_ground_truth, load_judged, split_ground_truth
+from tf_q2e.retrievers import BM25Retriever, HybridRetriever, catalogue_ranks, reciprocal_rank_fusion
 from tf_q2e.train import train
 
 TINY = [
@@ -95,7 +97,7 @@ def test_q2e_evaluate_writes_the_report_and_plots(run, capsys):
 
 
 def test_dense_scores_are_the_towers_cosines(run):
-    from tf_q2e.evaluate import dense_retriever_for_run
+    from tf_q2e.retrievers import dense_retriever_for_run
 
     run_dir, data = run
     retriever, _, model = dense_retriever_for_run(run_dir)
@@ -120,6 +122,7 @@ def test_q2e_compare_with_bm25(run, tmp_path, capsys):
         reports = json.load(f)
     assert [r["model"] for r in reports] == [os.path.basename(run_dir), "bm25"]
     assert "in_batch_recall@1" not in reports[1]["metrics"]  # a dense-only metric
+    assert reports[1]["ground_truth_queries"] == 5 and "gt_ndcg@10" in reports[1]["metrics"]  # BM25 too
     assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "recall_at_k.png"]
 
 
@@ -273,3 +276,106 @@ def test_q2e_compare_with_hybrid(run, tmp_path, capsys):
     assert hybrid["model"] == f"hybrid({name})" and hybrid["run"] == os.path.abspath(run_dir)
     assert hybrid["metrics"]["recall@1000"]["mean"] == 1.0  # 300 products: the dense list holds them all
     assert "engagement_auc_pooled" in hybrid["metrics"] and "in_batch_recall@1" not in hybrid["metrics"]
+    assert 0.0 <= hybrid["metrics"]["gt_recall@100"]["mean"] <= 1.0
+
+
+# -- ground truth (the synthetic marketplace's manifest) ------------------------------------------
+
+
+class ByQueryRetriever(FixedRetriever):
+    """A `FixedRetriever` whose hand-set rankings are per query text; it keeps each search's `Judged` and depth."""
+
+    def __init__(self, ranked: dict, scores=()):
+        super().__init__(ranked, scores)
+        self.searches = []
+
+    def search(self, judged, k):
+        self.searches.append((judged, k))
+        return np.array([(self.ranked.get(q, [])[:k] + [""] * k)[:k] for q in judged.queries], dtype=object)
+
+
+def _truth():
+    """q0: 12 true products P0..P11, gains 0.9, 0.85, ...; q1: a list of 2; q2: a list of 1."""
+    ids0 = [f"P{i}" for i in range(12)]
+    return GroundTruth(queries=["q0", "q1", "q2"], countries=["US", "GB", "DE"],
+                       product_ids=[ids0, ["A", "B"], ["C"]],
+                       gains=[0.9 - 0.05 * np.arange(12), np.array([0.5, 0.25]), np.array([0.4])],
+                       split="test", path="manifest.json")
+
+
+def test_ground_truth_metrics_match_hand_computed_values():
+    retriever = ByQueryRetriever({"q0": ["P1", "X", "P0", "P10", "P5"], "q1": ["B", "Z", "A"], "q2": ["Y"]})
+    m = ground_truth_metrics(retriever, _truth(), n_boot=20, context_columns=("query_country", "query_locale"))
+    # Recall: q0 finds P1, P0, P5 of its true best 10 (P10 is 11th); q1 both of its 2; q2 none of its 1.
+    assert m["gt_recall@100"]["mean"] == pytest.approx((3 / 10 + 1 + 0) / 3) and m["gt_recall@100"]["queries"] == 3
+    d = 1 / np.log2(np.arange(10) + 2)  # discounts of places 1..10
+    g0 = 0.9 - 0.05 * np.arange(12)
+    ndcg0 = (g0[1] * d[0] + g0[0] * d[2] + g0[10] * d[3] + g0[5] * d[4]) / (g0[:10] @ d)  # P10 gains though not in the top 10
+    ndcg1 = (0.25 * d[0] + 0.5 * d[2]) / (0.5 * d[0] + 0.25 * d[1])
+    assert m["gt_ndcg@10"]["mean"] == pytest.approx((ndcg0 + ndcg1 + 0) / 3)
+    low, high = m["gt_ndcg@10"]["ci95"]
+    assert low <= m["gt_ndcg@10"]["mean"] <= high
+    # One search at depth 100, each query with its ground-truth country; other context columns empty.
+    (judged, k), = retriever.searches
+    assert k == 100 and judged.queries == ["q0", "q1", "q2"]
+    assert judged.contexts == {"query_country": ["US", "GB", "DE"], "query_locale": ["", "", ""]}
+
+
+def test_ground_truth_metrics_of_a_retriever_that_finds_nothing():
+    m = ground_truth_metrics(ByQueryRetriever({"q1": ["X"], "q2": ["", "Y"]}), _truth(), n_boot=20)
+    for name in ("gt_recall@100", "gt_ndcg@10"):
+        assert m[name] == {"mean": 0.0, "ci95": [0.0, 0.0], "queries": 3}
+
+
+def _write_manifest(directory, **sections):
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"format": "tf_q2e", **sections}, f)
+    return str(directory)
+
+
+def test_load_ground_truth_is_none_without_the_section(tmp_path):
+    assert load_ground_truth(str(tmp_path)) is None  # no manifest
+    assert load_ground_truth(_write_manifest(tmp_path)) is None
+    assert load_ground_truth(_write_manifest(tmp_path, ground_truth={"split": "test", "queries": []})) is None
+
+
+def test_load_ground_truth_reads_the_section(tmp_path):
+    entries = [{"query": "red sofa", "query_country": "GB", "product_ids": ["P2", "P1"], "expected_engagement": [0.5, 0.25]},
+               {"query": "bike", "product_ids": ["P3", "P4", "P5"]}]  # no gains, no country
+    truth = load_ground_truth(_write_manifest(tmp_path, ground_truth={"split": "test", "queries": entries}))
+    assert truth.queries == ["red sofa", "bike"] and truth.countries == ["GB", ""] and truth.split == "test"
+    assert truth.product_ids == [["P2", "P1"], ["P3", "P4", "P5"]]
+    np.testing.assert_array_equal(truth.gains[0], [0.5, 0.25])
+    np.testing.assert_array_equal(truth.gains[1], [1, 1 / 2, 1 / 3])  # no expected engagement: 1 / rank
+    entries[0]["expected_engagement"] = [0.5]
+    _write_manifest(tmp_path, ground_truth={"queries": entries})
+    with pytest.raises(InputError, match=r"ground_truth.queries\[0\] is invalid"):
+        load_ground_truth(str(tmp_path))
+
+
+def test_evaluate_adds_ground_truth_metrics_only_with_truth():
+    judged = Judged(queries=["q0"], contexts={}, row_query=np.array([0, 0]), row_product=np.array(["A", "B"], dtype=object),
+                    engaged=np.array([1, 0]), relevance=np.full(2, np.nan), path="split")
+    retriever = ByQueryRetriever({"q0": ["A", "B"], "q1": ["B", "A"], "q2": ["C"]}, scores=[0.9, 0.1])
+    plain = evaluate(retriever, judged, ks=(1,), n_boot=20)
+    assert not any(name.startswith("gt_") for name in plain["metrics"]) and "ground_truth_queries" not in plain
+    report = evaluate(retriever, judged, ks=(1,), n_boot=20, truth=_truth())
+    assert report["ground_truth_queries"] == 3
+    # The split's q0 finds A first; the ground truth's q0 (P0..P11) nothing, q1 and q2 their whole lists.
+    assert report["metrics"]["recall@1"]["mean"] == 1.0
+    assert report["metrics"]["gt_recall@100"]["mean"] == pytest.approx((0 + 1 + 1) / 3)
+    assert "gt_recall@100" in comparison_table([report]).splitlines()[0]
+
+
+def test_evaluate_run_reports_ground_truth_metrics(run, tmp_path):
+    run_dir, data = run
+    with open(os.path.join(data, "manifest.json")) as f:
+        section = json.load(f)["ground_truth"]
+    assert section["split"] == "test" and len(section["queries"]) == 5  # the fixture's ground_truth_queries
+    report = evaluate_run(run_dir, n_boot=20)
+    assert report["ground_truth_queries"] == 5
+    for name in ("gt_recall@100", "gt_ndcg@10"):
+        value = report["metrics"][name]
+        assert value["queries"] == 5 and 0.0 <= value["ci95"][0] <= value["mean"] <= value["ci95"][1] <= 1.0, name
+    assert split_ground_truth(data, "validation") is None  # the ground truth is of the test split
+

@@ -2,10 +2,11 @@
 
 `evaluate_run(RUN)` scores a held-out split (by query) of a data set with a
 retriever and writes `RUN/eval/report.json`, `report.md` and plots. A
-retriever is anything with `search` and `score_pairs` (`DenseRetriever` for a
-trained run, `BM25Retriever` for the lexical baseline over `tf_q2e.bm25`,
-`HybridRetriever` for both fused by reciprocal rank fusion), so every model
-goes through the same code and the same metrics:
+retriever is anything with `search` and `score_pairs` (`tf_q2e.retrievers`:
+`DenseRetriever` for a trained run, `BM25Retriever` for the lexical baseline
+over `tf_q2e.bm25`, `HybridRetriever` for both fused by reciprocal rank
+fusion) and the split is a `tf_q2e.judged.Judged`, so every model goes
+through the same code and the same metrics:
 
 * retrieval: full-catalogue Recall@K (K = 10, 100, 1000) of each query's
   engaged products (Que2Search's KNN recall), averaged over queries with at
@@ -18,6 +19,22 @@ goes through the same code and the same metrics:
 * in-batch recall@1 (Que2Search's batch metric; dense models only): the split
   in batches of `train.global_batch_size` rows in a seeded random order, each
   row's query against the batch's products, same-product copies masked;
+* ground truth, where the data set's `manifest.json` has a `ground_truth`
+  section for the evaluated split (`q2e synth` writes one for the test split:
+  for sampled test queries, the searchers' most common country and up to 50
+  exactly relevant products with the highest *expected* engagement
+  probability `e(p)` under the generator's hidden model, best first); each
+  such query is searched with that country as `query_country`:
+  - `gt_recall@100`: |top 100 ∩ T10| / |T10|, T10 = the query's true best
+    10 products (all of them when the list is shorter), averaged over the
+    ground-truth queries;
+  - `gt_ndcg@10`: DCG@10 / IDCG@10 of the retriever's top 10 with
+    `DCG@10 = Σ_{i<10} gain(p_i) / log2(i + 2)`, `gain(p) = e(p)` for a
+    product of the true list and 0 for any other (including exactly relevant
+    products below the list's 50), IDCG@10 the same sum over the true list's
+    first 10; where the manifest gives no `expected_engagement`, gain =
+    1 / (1-based rank in the true list);
+  both exact truth where the sampled `engaged` labels only estimate it;
 * 95% bootstrap intervals over queries (pooled figures resample whole
   queries; in-batch recall resamples batches).
 
@@ -32,16 +49,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from tf_q2e import metrics as M
-from tf_q2e.data import schema as S
-from tf_q2e.data.validate import Validator, dataset_files
 from tf_q2e.errors import InputError
+from tf_q2e.judged import GroundTruth, Judged, load_judged, split_ground_truth, split_path
+from tf_q2e.retrievers import BM25Retriever, HybridRetriever, dense_retriever_for_run
 
 EVAL_DIR = "eval"
 RECALL_KS = (10, 100, 1000)
@@ -49,364 +63,48 @@ CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NDCG_K = 10
 
 
-@dataclass
-class Judged:
-    """A labelled split grouped by query: distinct queries, and one entry per judged row."""
-
-    queries: list[str]  # distinct query texts
-    contexts: dict[str, list[str]]  # query context column -> value per distinct query
-    row_query: np.ndarray  # [R] index into `queries`
-    row_product: np.ndarray  # [R] product id (object)
-    engaged: np.ndarray  # [R] 1, 0 or -1
-    relevance: np.ndarray  # [R] float, NaN when not graded
-    path: str
-
-    @property
-    def engaged_sets(self) -> list[set[str]]:
-        sets: list[set[str]] = [set() for _ in self.queries]
-        for q, p in zip(self.row_query[self.engaged == 1], self.row_product[self.engaged == 1]):
-            sets[q].add(p)
-        return sets
+GT_RECALL_K = 100  # gt_recall@K: how deep the true best products are looked for
+GT_TRUE_BEST = 10  # ... of the true list's first this many
 
 
-def load_judged(path: str, context_columns: tuple[str, ...] = (), image_dim: int | None = None) -> Judged:
-    """Reads a split file (checked as in `q2e validate`) into a `Judged`; queries keyed by text + context."""
-    validator = Validator("error", image_dim=image_dim, context_columns=tuple(context_columns))
-    columns = [S.QUERY, *context_columns, S.PRODUCT_ID, S.ENGAGED]
-    tables = []
-    for table in validator.iter_file(path, "impressions"):
-        keep = columns + ([S.RELEVANCE] if S.RELEVANCE in table.column_names else [])
-        tables.append(table.select(keep))
-    if not tables:
-        raise InputError(f"{path}: no rows to evaluate")
-    table = pa.concat_tables(tables, promote_options="default")
-    keys = table.select([S.QUERY, *context_columns])
-    distinct = keys.group_by(keys.column_names).aggregate([]).sort_by([(c, "ascending") for c in keys.column_names])
-    index = {tuple(row.values()): i for i, row in enumerate(distinct.to_pylist())}
-    row_query = np.fromiter((index[tuple(r.values())] for r in keys.to_pylist()), dtype=np.int64, count=table.num_rows)
-    relevance = (table.column(S.RELEVANCE).to_numpy(zero_copy_only=False).astype(np.float64)
-                 if S.RELEVANCE in table.column_names else np.full(table.num_rows, np.nan))
-    return Judged(
-        queries=distinct.column(S.QUERY).to_pylist(),
-        contexts={c: distinct.column(c).to_pylist() for c in context_columns},
-        row_query=row_query,
-        row_product=table.column(S.PRODUCT_ID).to_numpy(zero_copy_only=False).astype(object),
-        engaged=pc.cast(table.column(S.ENGAGED), pa.int32()).to_numpy(),
-        relevance=relevance,
-        path=path,
-    )
+def ground_truth_recall(ranked, truth: GroundTruth, k: int = GT_RECALL_K, best: int = GT_TRUE_BEST) -> np.ndarray:
+    """Per ground-truth query: |top k ∩ T| / |T|, T = the true list's first `best` products (all when
+    shorter); NaN for a query with an empty list."""
+    return M.recall_at_k(ranked, [ids[:best] for ids in truth.product_ids], k)
 
 
-class DenseRetriever:
-    """A trained run's towers: exact search over the catalogue's product vectors."""
-
-    def __init__(self, model, product_ids: np.ndarray, vectors: np.ndarray, name: str = "dense"):
-        import tensorflow as tf
-
-        self.name = name
-        self.model = model
-        self.product_ids = np.asarray(product_ids, dtype=object)
-        self.vectors = vectors
-        self.position = {p: i for i, p in enumerate(self.product_ids)}
-        self._tf = tf
-        self._cached: tuple[Judged, np.ndarray] | None = None  # the last split's query vectors
-
-    def query_vectors(self, judged: Judged, batch: int = 1024) -> np.ndarray:
-        tf = self._tf
-        out = []
-        for start in range(0, len(judged.queries), batch):
-            features = {S.QUERY: tf.constant(judged.queries[start:start + batch])}
-            features.update({c: tf.constant(v[start:start + batch]) for c, v in judged.contexts.items()})
-            out.append(self.model.query_tower(features, training=False).numpy())
-        return np.concatenate(out).astype(np.float32)
-
-    def search(self, judged: Judged, k: int) -> np.ndarray:
-        from tf_q2e.index import exact_top_k
-
-        _, rows = exact_top_k(self.vectors, self._queries(judged), k)
-        return self.product_ids[rows]
-
-    def score_pairs(self, judged: Judged) -> np.ndarray:
-        rows = self._rows(judged.row_product)
-        return np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[rows])
-
-    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
-        products = rng.integers(0, len(self.vectors), size=len(judged.row_query))
-        return np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[products])
-
-    def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
-        """The cosine of every catalogue product (in `product_ids` order) for the split's distinct
-        queries `start:stop`, float32 [stop - start, N]."""
-        return self._queries(judged)[start:stop] @ self.vectors.T
-
-    def in_batch_recall_at_1(self, judged: Judged, batch_size: int, seed: int = 0) -> np.ndarray:
-        """Per batch: the share of rows whose own product scores highest among the batch's products."""
-        order = np.random.default_rng(seed).permutation(len(judged.row_query))
-        queries = self._queries(judged)
-        rows = self._rows(judged.row_product)
-        values = []
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            b = order[start:start + batch_size]
-            scores = queries[judged.row_query[b]] @ self.vectors[rows[b]].T
-            ids = judged.row_product[b]
-            same = ids[:, None] == ids[None, :]
-            np.fill_diagonal(same, False)
-            scores[same] = -np.inf  # accidental hits: another copy of the row's product is not a negative
-            values.append(np.mean(np.argmax(scores, axis=1) == np.arange(len(b))))
-        return np.array(values)
-
-    def _queries(self, judged: Judged) -> np.ndarray:
-        """The split's query vectors, computed once for search, pair scores and in-batch recall."""
-        if self._cached is None or self._cached[0] is not judged:
-            self._cached = (judged, self.query_vectors(judged))
-        return self._cached[1]
-
-    def _rows(self, product_ids: np.ndarray) -> np.ndarray:
-        try:
-            return np.fromiter((self.position[p] for p in product_ids), dtype=np.int64, count=len(product_ids))
-        except KeyError as e:
-            raise InputError(f"product {e.args[0]!r} of the evaluated split is not in the catalogue") from None
+def ground_truth_ndcg(ranked, truth: GroundTruth, k: int = NDCG_K) -> np.ndarray:
+    """Per ground-truth query: NDCG@k of the ranked list, gain = the product's gain in the true list,
+    0 for a product not in it (and for an empty place ""); `DCG@k = Σ_{i<k} gain_i / log2(i + 2)`,
+    IDCG@k = the same sum over the true list's gains sorted, highest first. NaN when IDCG@k = 0."""
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)  # [k]
+    out = np.full(len(truth.queries), np.nan)
+    for q, (row, ids, gain) in enumerate(zip(ranked, truth.product_ids, truth.gains)):
+        gain_of = dict(zip(ids, gain))
+        top = list(row)[:k]
+        dcg = sum(gain_of.get(p, 0.0) * discount[i] for i, p in enumerate(top))
+        ideal = np.sort(gain)[::-1][:k]
+        idcg = float(ideal @ discount[:len(ideal)])
+        if idcg > 0:
+            out[q] = dcg / idcg
+    return out
 
 
-class BM25Retriever:
-    """The lexical baseline (`tf_q2e.bm25.BM25Index`) behind the evaluator's interface.
-
-    The query context plays no part (BM25 sees the query text only).
-    """
-
-    def __init__(self, index, name: str = "bm25"):
-        self.name = name
-        self.index = index
-
-    @classmethod
-    def for_data(cls, data_dir: str, on_bad_rows: str = "error") -> "BM25Retriever":
-        from tf_q2e.bm25 import BM25Index
-
-        catalog, _ = dataset_files(data_dir)
-        return cls(BM25Index.from_catalog(catalog, on_bad_rows=on_bad_rows))
-
-    @property
-    def product_ids(self) -> np.ndarray:
-        return self.index.product_ids
-
-    def search(self, judged: Judged, k: int) -> np.ndarray:
-        return self.index.search(judged.queries, k)[0]
-
-    def score_pairs(self, judged: Judged) -> np.ndarray:
-        return self.index.score_pairs([judged.queries[q] for q in judged.row_query], list(judged.row_product))
-
-    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
-        ids = self.index.product_ids
-        products = [ids[i] for i in rng.integers(0, len(ids), size=len(judged.row_query))]
-        return self.index.score_pairs([judged.queries[q] for q in judged.row_query], products)
-
-    def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
-        """The BM25 score of every catalogue product (in `product_ids` order) for the split's distinct
-        queries `start:stop`, float32 [stop - start, N] (`BM25Index.scores`, one query at a time)."""
-        n = len(self.index)
-        return np.stack([self.index.scores(q) for q in judged.queries[start:stop]]) if stop > start \
-            else np.zeros((0, n), np.float32)
-
-
-RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009)
-_FUSE_CHUNK = 256  # queries fused at a time
-_RANK_CHUNK = 64  # queries whose full-catalogue scores are held at a time: [64, N] floats
-_COMPARE_PAIRS = 32  # pairs of one query up to which each is compared with all N scores (else one sort of N)
-
-
-def reciprocal_rank_fusion(rankings, k: int, k_rrf: float = RRF_K) -> tuple[np.ndarray, np.ndarray]:
-    """Fuses several ranked lists per query into one by reciprocal rank fusion (RRF).
-
-    `score(q, p) = Σ_r 1 / (k_rrf + rank_r(q, p))` over the lists r that hold
-    p for q, ranks from 1 (Cormack, Clarke and Büttcher, SIGIR 2009): a
-    product in one list only gets that list's term. Ties go to the better
-    rank in the first list (a product absent from a list ranks after all its
-    products), then in the second list, ..., then to the smaller product id,
-    so the result is deterministic. Terms are added in list order in float64.
-
-    Example (k_rrf = 60): lists [A, B, C] and [B, D] give B (1/62 + 1/61),
-    A (1/61), D (1/62), C (1/63); lists [A, B] and [B, A] tie A and B at
-    1/61 + 1/62, and A, first in the first list, comes first.
-
-    Args:
-      rankings: R arrays [Q, D_r] of product ids, best first, one per list,
-        their rows the same Q queries; "" is an empty place. A list holds a
-        product at most once.
-      k: places of the fused lists.
-      k_rrf: RRF's constant (>= 0).
-
-    Returns:
-      `(ids [Q, k] object, scores [Q, k] float64)`, best first; the places
-      after the last product hold "" and 0.0.
-    """
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not k_rrf >= 0:
-        raise ValueError(f"k_rrf ({k_rrf!r}) must be >= 0")
-    rankings = [np.asarray(r, dtype=object) for r in rankings]
-    if not rankings or any(r.ndim != 2 or len(r) != len(rankings[0]) for r in rankings):
-        raise ValueError(f"rankings must be one or more [Q, D] arrays of the same Q, got shapes {[r.shape for r in rankings]}")
-    k, n_queries = int(k), len(rankings[0])
-    code_of: dict[str, int] = {}  # product id -> code, in order of first appearance
-    coded = [np.fromiter((-1 if p == M.EMPTY else code_of.setdefault(p, len(code_of)) for p in r.ravel()),
-                         dtype=np.int64, count=r.size).reshape(r.shape) for r in rankings]  # R x [Q, D_r]
-    distinct = np.empty(len(code_of), dtype=object)
-    distinct[:] = list(code_of)
-    id_order = np.empty(len(distinct), np.int64)  # code -> position of its id in sorted order
-    id_order[sorted(range(len(distinct)), key=distinct.__getitem__)] = np.arange(len(distinct))
-    base = len(distinct) + 1  # key of a (query row, product) = row * base + code
-
-    ids_out = np.full((n_queries, k), M.EMPTY, dtype=object)
-    scores_out = np.zeros((n_queries, k), np.float64)
-    for start in range(0, n_queries, _FUSE_CHUNK):
-        stop = min(start + _FUSE_CHUNK, n_queries)
-        keys, terms, places = [], [], []
-        for c in coded:  # list order: the first list's term is added first
-            rows, place = np.nonzero(c[start:stop] >= 0)
-            keys.append(rows * base + c[start:stop][rows, place])
-            terms.append(1.0 / (k_rrf + (place + 1.0)))
-            places.append(place + 1)
-        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-        inverse = inverse.reshape(-1)
-        fused = np.bincount(inverse, weights=np.concatenate(terms), minlength=len(unique))  # [U]
-        ranks = np.full((len(coded), len(unique)), np.iinfo(np.int64).max)  # [R, U], absent: last
-        offset = 0
-        for r, rank in enumerate(places):
-            ranks[r, inverse[offset:offset + len(rank)]] = rank
-            offset += len(rank)
-        row, code = unique // base, unique % base
-        order = np.lexsort((id_order[code], *ranks[::-1], -fused, row))  # by row, then score, ranks, id
-        row, code, fused = row[order], code[order], fused[order]
-        first = np.concatenate(([0], np.cumsum(np.bincount(row, minlength=stop - start))[:-1]))
-        place = np.arange(len(row)) - first[row]
-        keep = place < k
-        ids_out[start + row[keep], place[keep]] = distinct[code[keep]]
-        scores_out[start + row[keep], place[keep]] = fused[keep]
-    return ids_out, scores_out
-
-
-def catalogue_ranks(retriever, judged: Judged, columns: np.ndarray) -> np.ndarray:
-    """Each judged row's full-catalogue rank under `retriever`, int64 [R].
-
-    `rank = 1 + |{catalogue products scoring strictly higher for the row's
-    query}|` (equal scores share the better rank). `columns` [R] holds each
-    row's product as a column of `retriever.catalogue_scores`, which gives
-    [C, N] scores of C distinct queries; queries are taken `_RANK_CHUNK` at a
-    time, so memory is O(_RANK_CHUNK · N). A query with at most
-    `_COMPARE_PAIRS` rows compares each row's score with the N scores, one with
-    more sorts its N scores once.
-    """
-    row_query = np.asarray(judged.row_query)
-    order = np.argsort(row_query, kind="stable")
-    bounds = np.searchsorted(row_query[order], np.arange(len(judged.queries) + 1))
-    ranks = np.empty(len(row_query), np.int64)
-    for start in range(0, len(judged.queries), _RANK_CHUNK):
-        stop = min(start + _RANK_CHUNK, len(judged.queries))
-        if bounds[start] == bounds[stop]:
-            continue  # no rows of these queries
-        scores = retriever.catalogue_scores(judged, start, stop)  # [C, N]
-        for q in range(start, stop):
-            rows = order[bounds[q]:bounds[q + 1]]
-            if not len(rows):
-                continue
-            catalogue = scores[q - start]  # [N]
-            own = catalogue[columns[rows]]  # [n]
-            if len(rows) <= _COMPARE_PAIRS:
-                higher = np.count_nonzero(catalogue[None, :] > own[:, None], axis=1)
-            else:
-                higher = len(catalogue) - np.searchsorted(np.sort(catalogue), own, side="right")
-            ranks[rows] = 1 + higher
-    return ranks
-
-
-class HybridRetriever:
-    """Lexical + dense retrieval: a dense run and BM25 fused by reciprocal rank fusion (RRF).
-
-    `score(q, p) = 1 / (k_rrf + rank_dense(q, p)) + 1 / (k_rrf + rank_bm25(q, p))`,
-    ranks from 1, `k_rrf = 60` by default (Cormack, Clarke and Büttcher,
-    SIGIR 2009). It needs no score calibration: only ranks enter.
-
-    * `search(judged, k)`: each retriever's top `max(depth, k)` products per
-      query fused by `reciprocal_rank_fusion`: a product in one list only gets
-      that list's term (BM25 lists only products sharing a term with the
-      query). Ties go to the better dense rank, then the better BM25 rank,
-      then the smaller product id. `[Q, min(k, N)]` ids, as the other
-      retrievers return, "" after the last fused product.
-    * `score_pairs` / `random_pair_scores`: the same formula with each
-      product's **full-catalogue** rank under each retriever (`catalogue_ranks`:
-      1 + the number of catalogue products scoring strictly higher for the
-      query, so equal scores share a rank, e.g. every product BM25 scores 0).
-      This is RRF without the depth cut-off: a product below `depth` in a
-      list, or absent from BM25's list because it scores 0 there, still gets
-      that retriever's (small) term, where `search` gives it none. Floats
-      are added dense term first, as `search` adds them, so a pair's score
-      equals its `search` score when the product is in both lists at untied
-      ranks.
-
-    Cost: `search` is the two searches at `max(depth, k)` plus the fusion
-    (about Q · 2 · depth dict look-ups and one sort). `score_pairs` needs every
-    product's score for every query with judged rows, under both retrievers:
-    dense `[64, N] = queries @ vectors.T` per 64 queries, BM25 one
-    `BM25Index.scores` (bm25s `get_scores_from_ids`, a sum of the query terms'
-    sparse score columns into [N]) per query; then an O(N) comparison per
-    judged row (a sort of N for a query with more than 32 rows). Memory is
-    O(64 · N) floats. `random_pair_scores` costs the same again. On the Home
-    Depot test split (1,209 queries, 7,820 rows, N = 54,667; 2 CPUs): the
-    searches at depth 1000 1.2 s, their fusion 1.4 s, the full-catalogue
-    ranks of the rows 0.3 s (BM25, about 0.25 ms a query) and 0.25 s (dense),
-    the whole `evaluate` 4.4 s.
-
-    Args:
-      dense: a retriever with `search`, `product_ids` and `catalogue_scores`
-        (`DenseRetriever`).
-      bm25: the same for the lexical side (`BM25Retriever`), over the same
-        catalogue (the same product ids).
-      k_rrf: RRF's constant (>= 0).
-      depth: places taken from each retriever's list in `search`.
-      name: the report's model name (default `hybrid(<dense name>)`).
-    """
-
-    def __init__(self, dense, bm25, k_rrf: float = RRF_K, depth: int = 1000, name: str | None = None):
-        if not k_rrf >= 0:
-            raise ValueError(f"k_rrf ({k_rrf!r}) must be >= 0")
-        if int(depth) != depth or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        self.dense, self.bm25 = dense, bm25
-        self.k_rrf, self.depth = k_rrf, int(depth)
-        self.name = name or f"hybrid({dense.name})"
-        self.product_ids = np.asarray(dense.product_ids, dtype=object)
-        self._columns = [{p: i for i, p in enumerate(r.product_ids)} for r in (dense, bm25)]
-        if self._columns[0].keys() != self._columns[1].keys():
-            raise ValueError(f"the dense retriever ({len(self._columns[0])} products) and BM25 "
-                             f"({len(self._columns[1])} products) index different catalogues; build both from the same one")
-
-    def search(self, judged: Judged, k: int) -> np.ndarray:
-        depth = max(self.depth, int(k))
-        rankings = [self.dense.search(judged, depth), self.bm25.search(judged, depth)]
-        return reciprocal_rank_fusion(rankings, min(int(k), len(self.product_ids)), self.k_rrf)[0]
-
-    def score_pairs(self, judged: Judged) -> np.ndarray:
-        return self._pair_scores(judged, judged.row_product)
-
-    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
-        products = self.product_ids[rng.integers(0, len(self.product_ids), size=len(judged.row_query))]
-        return self._pair_scores(judged, products)
-
-    def _pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
-        """RRF of each row's (query, product) from full-catalogue ranks, float64 [R]."""
-        scores = np.zeros(len(judged.row_query), np.float64)
-        for retriever, column in zip((self.dense, self.bm25), self._columns):
-            try:
-                columns = np.fromiter((column[p] for p in product_ids), dtype=np.int64, count=len(product_ids))
-            except KeyError as e:
-                raise InputError(f"product {e.args[0]!r} of the evaluated split is not in the catalogue") from None
-            scores += 1.0 / (self.k_rrf + catalogue_ranks(retriever, judged, columns))
-        return scores
+def ground_truth_metrics(retriever, truth: GroundTruth, n_boot: int = 1000, seed: int = 0,
+                         context_columns: tuple[str, ...] = ()) -> dict:
+    """`{"gt_recall@100": summary, "gt_ndcg@10": summary}` (`metrics.summary`: mean, 95% bootstrap
+    interval over the ground-truth queries, defined queries) of one retriever; the queries are
+    searched once, at depth 100, with `query_country` = the ground truth's country."""
+    ranked = retriever.search(truth.judged(tuple(context_columns)), max(GT_RECALL_K, NDCG_K))
+    return {f"gt_recall@{GT_RECALL_K}": M.summary(ground_truth_recall(ranked, truth), n_boot=n_boot, seed=seed),
+            f"gt_ndcg@{NDCG_K}": M.summary(ground_truth_ndcg(ranked, truth), n_boot=n_boot, seed=seed)}
 
 
 def evaluate(retriever, judged: Judged, ks=RECALL_KS, n_boot: int = 1000, seed: int = 0,
-             in_batch_size: int | None = None) -> dict:
-    """Every metric of the module docstring for one retriever on one split, with 95% bootstrap intervals."""
+             in_batch_size: int | None = None, truth: GroundTruth | None = None) -> dict:
+    """Every metric of the module docstring for one retriever on one split, with 95% bootstrap intervals;
+    with `truth` (the split's `GroundTruth`) also `ground_truth_metrics`, its queries searched with
+    the split's context columns."""
     rng = np.random.default_rng(seed)
     report: dict = {"model": retriever.name, "split_file": judged.path, "queries": len(judged.queries),
                     "rows": int(len(judged.row_query)), "metrics": {}}
@@ -448,6 +146,9 @@ def evaluate(retriever, judged: Judged, ks=RECALL_KS, n_boot: int = 1000, seed: 
         if len(per_batch):
             m["in_batch_recall@1"] = {"mean": float(per_batch.mean()), "ci95": list(M.bootstrap_ci(per_batch, n_boot=n_boot, seed=seed)),
                                       "batch_size": in_batch_size, "batches": int(len(per_batch))}
+    if truth is not None:  # last: a dense retriever then caches the ground-truth queries' vectors
+        m.update(ground_truth_metrics(retriever, truth, n_boot, seed, tuple(judged.contexts)))
+        report["ground_truth_queries"] = len(truth.queries)
     return report
 
 
@@ -462,34 +163,14 @@ def _finite(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
-def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None):
-    """`(retriever, data_dir, model)` of a run: its product vectors from `RUN/index/` when that index
-    covers the data set's catalogue, else embedded now."""
-    from tf_q2e.index import INDEX_DIR, META_FILE, embed_catalog, load_index
-    from tf_q2e.train import load_model
-
-    model = load_model(run_dir)
-    data_dir = data_dir or model.config.data.dir
-    if not data_dir:
-        raise InputError(f"{run_dir}: the run's config names no data set; pass --data DIR")
-    catalog, _ = dataset_files(data_dir)
-    index = load_index(run_dir) if os.path.exists(os.path.join(run_dir, INDEX_DIR, META_FILE)) else None
-    if index is not None and index.meta.get("catalog") == os.path.abspath(catalog):
-        ids, vectors = index.product_ids, index.vectors
-    else:
-        (log or _log)(f"embedding the catalogue {catalog} (no index of it in {run_dir})")
-        ids, _, vectors = embed_catalog(model, catalog, model.config.index.batch_size, model.config.data.on_bad_rows)
-    name = os.path.basename(os.path.normpath(run_dir))
-    return DenseRetriever(model, ids, vectors, name=name), data_dir, model
-
-
 def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test", n_boot: int = 1000,
                  seed: int = 0, log=None) -> dict:
     """Evaluates a trained run on a split and writes `RUN/eval/` (report.json, report.md, plots)."""
     log = log or _log
     retriever, data_dir, model = dense_retriever_for_run(run_dir, data_dir, log)
-    judged = load_judged(_split_path(data_dir, split), model.context_columns, model.image_dim or None)
-    report = evaluate(retriever, judged, n_boot=n_boot, seed=seed, in_batch_size=model.config.train.global_batch_size)
+    judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
+    report = evaluate(retriever, judged, n_boot=n_boot, seed=seed, in_batch_size=model.config.train.global_batch_size,
+                      truth=split_ground_truth(data_dir, split))
     report.update({"run": os.path.abspath(run_dir), "data": os.path.abspath(data_dir), "split": split,
                    "engagement_weight": model.config.model.engagement_weight})
     write_report(report, os.path.join(run_dir, EVAL_DIR))
@@ -501,12 +182,16 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
     """One table of several runs (each evaluated on the same data and split); with `bm25`, the
     BM25 baseline; with `hybrid`, one `HybridRetriever` row per run (the run's dense retrieval and
     BM25 fused by RRF, named `hybrid(<run>)`). A run's `RUN/eval/report.json` is reused when it is
-    of the same data and split; the BM25 index is built once for both."""
+    of the same data and split (and has the ground-truth metrics when the split has ground truth); the
+    BM25 index is built once for both."""
     if hybrid and not runs:
         raise InputError("--hybrid needs run directories: it fuses each run's dense retrieval with BM25")
     reports = []
     for run in runs:
         report = _saved_report(run, data_dir, split)
+        if report is not None and f"gt_recall@{GT_RECALL_K}" not in report["metrics"] \
+                and split_ground_truth(data_dir or report.get("data") or "", split) is not None:
+            report = None  # written before the ground-truth metrics existed: evaluate again
         if report is None:
             report = evaluate_run(run, data_dir, split, n_boot=n_boot, seed=seed)
         data_dir = data_dir or report.get("data")
@@ -518,16 +203,17 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
             raise InputError(f"{flag} without runs needs --data DIR" if not runs else
                              f"{flag} needs --data DIR (the runs' reports name no data set)")
         lexical = BM25Retriever.for_data(data_dir)
+    truth = split_ground_truth(data_dir, split) if lexical is not None else None
     if bm25:
-        judged = load_judged(_split_path(data_dir, split), ())
-        report = evaluate(lexical, judged, n_boot=n_boot, seed=seed)
+        judged = load_judged(split_path(data_dir, split), ())
+        report = evaluate(lexical, judged, n_boot=n_boot, seed=seed, truth=truth)
         report.update({"data": os.path.abspath(data_dir), "split": split})
         reports.append(report)
     if hybrid:
         for run in runs:
             dense, _, model = dense_retriever_for_run(run, data_dir)
-            judged = load_judged(_split_path(data_dir, split), model.context_columns, model.image_dim or None)
-            report = evaluate(HybridRetriever(dense, lexical), judged, n_boot=n_boot, seed=seed)
+            judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
+            report = evaluate(HybridRetriever(dense, lexical), judged, n_boot=n_boot, seed=seed, truth=truth)
             report.update({"run": os.path.abspath(run), "data": os.path.abspath(data_dir), "split": split})
             reports.append(report)
     table = comparison_table(reports)
@@ -551,13 +237,6 @@ def _saved_report(run_dir: str, data_dir: str | None, split: str) -> dict | None
     return report if same_data and report.get("split") == split else None
 
 
-def _split_path(data_dir: str, split: str) -> str:
-    _, splits = dataset_files(data_dir)
-    if split not in splits:
-        raise InputError(f"{data_dir}: no {split} split (found: {', '.join(splits)})")
-    return splits[split]
-
-
 # -- reports ---------------------------------------------------------------------------------------
 
 
@@ -574,6 +253,9 @@ def write_report(report: dict, out_dir: str) -> None:
         f.write(f"# Evaluation of {report['model']} on {report.get('split', 'the split')}\n\n")
         f.write(f"{report['queries']} queries ({report['queries_with_engaged']} with an engaged product), "
                 f"{report['rows']} judged rows; 95% bootstrap intervals over queries.\n\n")
+        if "ground_truth_queries" in report:
+            f.write(f"gt_*: against the manifest's ground truth ({report['ground_truth_queries']} queries, each "
+                    "searched with its searchers' most common country).\n\n")
         f.write(comparison_table([report]))
     plot_recall_curves([report], os.path.join(out_dir, "recall_at_k.png"))
     if "_histograms" in report:
@@ -581,7 +263,7 @@ def write_report(report: dict, out_dir: str) -> None:
 
 
 TABLE_METRICS = ("recall@10", "recall@100", "recall@1000", "mrr", "engagement_auc_pooled", "engagement_auc_per_query",
-                 f"ndcg@{NDCG_K}", "relevance_auc", "in_batch_recall@1")
+                 f"ndcg@{NDCG_K}", "relevance_auc", "in_batch_recall@1", f"gt_recall@{GT_RECALL_K}", f"gt_ndcg@{NDCG_K}")
 
 
 def comparison_table(reports: list[dict]) -> str:
