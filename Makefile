@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/main
 SYNTH_PRODUCTS ?= 20000
 SYNTH_IMPRESSIONS ?= 200000
+# Two epochs of the default config: about a minute of training, enough for sensible top 5s.
+RUN_EPOCHS ?= 2
 
 .PHONY: run test install install-test clean
 
@@ -34,7 +36,7 @@ QUERIES ?= "grey jute rug" "white laptop" "sofa 3-seater"
 run: install
 	$(Q2E) synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
 	$(Q2E) validate --config configs/default.yaml --data $(RUN_DIR)/data
-	$(Q2E) train --config configs/smoke.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/train
+	$(Q2E) train --config configs/default.yaml --set train.epochs=$(RUN_EPOCHS) --data $(RUN_DIR)/data --out $(RUN_DIR)/train
 	$(Q2E) evaluate --run $(RUN_DIR)/train --bootstrap 200
 	$(Q2E) index --run $(RUN_DIR)/train --tune --target-recall 0.95
 	$(Q2E) export --run $(RUN_DIR)/train --out $(RUN_DIR)/serving
