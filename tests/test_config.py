@@ -58,6 +58,7 @@ def test_config_is_frozen():
         ("train.seed.x=1", "train.seed ({'x': 1}) must be a whole number"),
         ("train.seed", "expected KEY=VALUE"),
         ("train.seed=[1", "the value is not valid YAML"),
+        ("model.engagement_scale=0", "model.engagement_scale (0.0) must be a positive number, or null"),
     ],
 )
 def test_bad_values_name_the_field_and_value(override, message):

@@ -285,3 +285,10 @@ def test_history_file_lists_every_epoch_when_early_stopping_restores_the_best_we
     keras_history = model.fit(x, y, epochs=6, verbose=0, callbacks=[history_file, stopping])
     assert stopping.stopped_epoch == 1  # stopped after epoch 2, restored epoch 1's weights
     assert history_file.finish()["loss"] == pytest.approx(keras_history.history["loss"]) and len(keras_history.history["loss"]) == 2
+
+
+def test_engagement_scale_sets_the_bce_scale_alone():
+    m = build_model(load_config(None, SMALL + ["model.engagement_scale=5"]), 4, ("query_country",))
+    assert m.engagement.scale == 5.0 and m.retrieval.scale == 20.0
+    m = build_model(load_config(None, SMALL), 4, ("query_country",))
+    assert m.engagement.scale == m.retrieval.scale == 20.0

@@ -98,6 +98,9 @@ class ModelConfig:
         modality vector of a row in training (Que2Engage); modalities:
         query_text, query_context, title, description, category, image.
       scale: s in s·cos(q, d) of both tasks (temperature 1/s; Que2Search: 20).
+      engagement_scale: the BCE task's own s, σ(s_e·cos); None = `scale`
+        (the paper). A smaller s_e keeps the BCE's gradient on every pair
+        instead of only on the pairs it ranks wrong.
       engagement_weight: λ in L = L_ctr + λ·L_bce; 0 is the contrastive-only
         (Que2Search) baseline.
       engagement_bias: `none` is the paper's σ(s·cos); `learned` adds a learned
@@ -119,6 +122,7 @@ class ModelConfig:
         default_factory=lambda: {"query_context": 0.1, "description": 0.1, "category": 0.1, "image": 0.1}
     )
     scale: float = 20.0
+    engagement_scale: float | None = None
     engagement_weight: float = 1.0
     engagement_bias: Literal["none", "learned"] = "none"
     remove_accidental_hits: bool = True
@@ -274,6 +278,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"model.{name} ({getattr(m, name)}) must be at least 1")
     if not (math.isfinite(m.scale) and m.scale > 0):
         raise ConfigError(f"model.scale ({m.scale}) must be a positive number (Que2Search uses 20)")
+    if m.engagement_scale is not None and not (math.isfinite(m.engagement_scale) and m.engagement_scale > 0):
+        raise ConfigError(f"model.engagement_scale ({m.engagement_scale}) must be a positive number, or null for model.scale")
     if not (math.isfinite(m.engagement_weight) and m.engagement_weight >= 0):
         raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be a number, 0 (contrastive only) or more")
     for name, p in m.modality_dropout.items():
