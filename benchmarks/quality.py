@@ -80,16 +80,19 @@ def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict
         "--bootstrap", str(args.bootstrap), log=log)
     with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
         reports = json.load(f)
-    dense = {r.get("run"): r for r in reports if r["model"] != "bm25" and not r["model"].startswith("hybrid(")}
-    hybrid = {r.get("run"): r for r in reports if r["model"].startswith("hybrid(")}
+    def key(path):  # a run directory may be reached through a symbolic link
+        return os.path.realpath(path or "")
+
+    dense = {key(r.get("run")): r for r in reports if r["model"] != "bm25" and not r["model"].startswith("hybrid(")}
+    hybrid = {key(r.get("run")): r for r in reports if r["model"].startswith("hybrid(")}
     rows = {}
     for lam, rs in runs.items():
         rows[f"λ = {lam}" + (" (contrastive only)" if float(lam) == 0 else " (Que2Engage)")] = mean_over_seeds(
-            [dense[os.path.abspath(r)] for r in rs])
+            [dense[key(r)] for r in rs])
     bm25 = next(r for r in reports if r["model"] == "bm25")
     rows["BM25 (bm25s, Snowball stemmer)"] = {m: (bm25["metrics"][m]["mean"], None) for m in METRICS if m in bm25["metrics"]}
     for lam, rs in runs.items():
-        rows[f"hybrid: BM25 + λ = {lam} (RRF)"] = mean_over_seeds([hybrid[os.path.abspath(r)] for r in rs])
+        rows[f"hybrid: BM25 + λ = {lam} (RRF)"] = mean_over_seeds([hybrid[key(r)] for r in rs])
     return {"rows": rows, "queries": bm25["queries"], "queries_with_engaged": bm25["queries_with_engaged"],
             "compare": compare_dir}
 
