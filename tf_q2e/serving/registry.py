@@ -140,6 +140,7 @@ class ModelRegistry:
         self.base = os.path.realpath(base)
         self._keep = keep_versions
         self._max_concurrent_loads = max_concurrent_loads
+        self._loaders: ThreadPoolExecutor | None = None  # the threads `refresh` loads models on
         self._limits = limits
         self._log = log
         self._lock = threading.Lock()
@@ -166,18 +167,10 @@ class ModelRegistry:
         for name, directory in wanted.items():
             with self._lock:
                 models.append((name, self._models.setdefault(name, _Model(directory))))
-        workers = min(self._max_concurrent_loads, len(models))
-        errors: list[Exception] = []
-        if workers <= 1:
-            for name, model in models:
-                try:
-                    self._refresh_model(name, model)
-                except Exception as e:  # noqa: BLE001 - raised below, after the other models
-                    errors.append(e)
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q2e-load") as pool:
-                done = [pool.submit(self._refresh_model, name, model) for name, model in models]
-            errors = [e for e in (future.exception() for future in done) if e is not None]
+        if self._loaders is None:  # kept across refreshes: the poller calls refresh every poll_seconds
+            self._loaders = ThreadPoolExecutor(max_workers=self._max_concurrent_loads, thread_name_prefix="q2e-load")
+        done = [self._loaders.submit(self._refresh_model, name, model) for name, model in models]
+        errors = [e for e in (future.exception() for future in done) if e is not None]  # waits for every model
         if errors:
             raise errors[0]
 
@@ -209,7 +202,10 @@ class ModelRegistry:
             return sorted(self._models)
 
     def close(self) -> None:
-        """Unloads everything."""
+        """Unloads everything (and stops the loading threads; a later `refresh` starts new ones)."""
+        if self._loaders is not None:
+            self._loaders.shutdown(wait=True)
+            self._loaders = None
         for name in self.model_names():
             self._drop_model(name, "server stopping")
 
