@@ -281,17 +281,24 @@ def _code_point_grid(window: tf.Tensor, after: tf.Tensor, beyond: tf.Tensor) -> 
     return (*grid, next_is_word)
 
 
-def _flat_substrings(source: tf.Tensor, rows: tf.Tensor, start: tf.Tensor, end: tf.Tensor, n_rows) -> tf.Tensor:
-    """Substrings source[rows[i]][start[i]:end[i]]: tf.string [K], for `rows` int64 [K] in non-decreasing order.
+def _row_counts(rows: tf.Tensor, n_rows, dtype=tf.int64) -> tf.Tensor:
+    """[B]: how many of `rows` (int64 [K], row indices) fall in each of the n_rows rows."""
+    return tf.math.unsorted_segment_sum(tf.ones_like(rows, dtype), rows, n_rows)
+
+
+def _flat_substrings(source: tf.Tensor, rows: tf.Tensor, counts: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
+                     n_rows) -> tf.Tensor:
+    """Substrings source[rows[i]][start[i]:end[i]]: tf.string [K], for `rows` int64 [K] in non-decreasing order
+    (`counts` [B] = `_row_counts(rows, n_rows)`).
 
     They are cut from `source` broadcast over a [B, K_max] grid (row, i-th
     substring of the row) rather than from a gathered copy of the source string
     of each substring, which would copy a long text once per word.
     """
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(rows), rows, n_rows)  # [B]
     column = tf.range(tf.size(rows, out_type=tf.int64)) - tf.gather(tf.cumsum(counts, exclusive=True), rows)  # [K]
     at = tf.stack([rows, column], axis=1)  # [K, 2]
     shape = tf.stack([n_rows, tf.reduce_max(tf.concat([counts, [0]], 0))])
+
     def dense(values):
         return tf.raw_ops.SparseToDense(sparse_indices=at, output_shape=shape, sparse_values=values,
                                         default_value=tf.zeros([], values.dtype), validate_indices=False)
@@ -306,14 +313,14 @@ def _rows_in_order(groups: list[tuple[tf.Tensor, tf.Tensor]], n_rows) -> tf.Ragg
     The values are gathered by one `tf.ragged.range` over the (row, group)
     runs, and the result keeps its row ids (the embedding bag's segment ids):
     about a third of the ops of concatenating RaggedTensors, which is most of
-    the cost for one query (a 768-row batch of long texts pays ~20% more).
+    the cost for one query.
     """
     if len(groups) == 1:
         values, rows = groups[0]
         return tf.RaggedTensor.from_value_rowids(values, rows, n_rows, validate=False)
     counts, starts, base = [], [], tf.constant(0, tf.int64)
     for values, rows in groups:
-        count = tf.math.unsorted_segment_sum(tf.ones_like(rows), rows, n_rows)  # [B]
+        count = _row_counts(rows, n_rows)  # [B]
         counts.append(count)
         starts.append(tf.cumsum(count, exclusive=True) + base)  # [B]: where row r's run starts in the group's values
         base += tf.size(values, out_type=tf.int64)
@@ -336,7 +343,7 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
     starts = tf.logical_and(is_word[:, 1:], ~is_word[:, :-1])  # [B, C-1]: j is true if column j+1 starts a word
     first = tf.where(starts)  # [W, 2] (row, j) of every word's first character, row-major
     last = tf.where(tf.logical_and(is_word[:, 1:-1], ~is_word[:, 2:]))  # [W, 2] ... and of its last character
-    n_words = tf.math.unsorted_segment_sum(tf.ones_like(first[:, 0], tf.int32), first[:, 0], n_rows)  # [B]
+    n_words = _row_counts(first[:, 0], n_rows, tf.int32)  # [B]
     ends_in_word = tf.gather(is_word, n_chars, batch_dims=1)  # [B] the window's last character is a word's
     cut_word = tf.logical_and(ends_in_word, next_is_word)  # [B] ... and the text's next character too
     limit = tf.clip_by_value(n_words - tf.cast(cut_word, tf.int32), 0, max_words)  # [B]
@@ -364,8 +371,8 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
 
         def hash_other_trigrams():  # trigrams with a character outside [0-9a-z#]
             where = tf.where(tf.logical_and(middle, ids < 0))  # [K, 2]: (row, j), the trigram of column j + 1
-            strings = _flat_substrings(source, where[:, 0], tf.gather_nd(offset, where),
-                                       tf.gather_nd(offset, where + [0, 3]), n_rows)  # [K]
+            strings = _flat_substrings(source, where[:, 0], _row_counts(where[:, 0], n_rows),
+                                       tf.gather_nd(offset, where), tf.gather_nd(offset, where + [0, 3]), n_rows)  # [K]
             hashed = tf.cast(tf.strings.to_hash_bucket_fast(TRIGRAM_PREFIX + strings, buckets), tf.int32)
             return tf.tensor_scatter_nd_update(ids, where, hashed)
 
@@ -374,12 +381,13 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
         groups.append((tf.cast(tf.gather_nd(ids, at), tf.int64), at[:, 0]))
     if unigrams or bigrams:
         rows = first[:, 0]  # [W]
-        words = _flat_substrings(source, rows, tf.gather_nd(offset, first + [0, 1]),
+        words_per_row = _row_counts(rows, n_rows)  # [B]
+        words = _flat_substrings(source, rows, words_per_row, tf.gather_nd(offset, first + [0, 1]),
                                  tf.gather_nd(offset, last + [0, 2]), n_rows)  # [W]
         if unigrams:
             groups.append((tf.strings.to_hash_bucket_fast(UNIGRAM_PREFIX + words, buckets), rows))
         if bigrams:
-            splits = tf.concat([[0], tf.cumsum(tf.math.unsorted_segment_sum(tf.ones_like(rows), rows, n_rows))], 0)
+            splits = tf.concat([[0], tf.cumsum(words_per_row)], 0)
             pairs, _ = tf.raw_ops.StringNGrams(  # what tf.strings.ngrams(words, 2, " ") runs, on flat words
                 data=words, data_splits=splits, separator=" ", ngram_widths=[2], left_pad="", right_pad="",
                 pad_width=0, preserve_short_sequences=False)  # [P]: words i and i + 1 of a row, row-major
