@@ -211,7 +211,7 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
         reports.append(report)
     if hybrid:
         for run in runs:
-            dense, _, model = dense_retriever_for_run(run, data_dir)
+            dense, _, model = dense_retriever_for_run(run, data_dir, _log)
             judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
             report = evaluate(HybridRetriever(dense, lexical), judged, n_boot=n_boot, seed=seed, truth=truth)
             report.update({"run": os.path.abspath(run), "data": os.path.abspath(data_dir), "split": split})

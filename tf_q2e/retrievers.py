@@ -14,7 +14,6 @@ pair, for the AUCs and NDCG) and `random_pair_scores(judged, rng)`:
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -89,10 +88,15 @@ class DenseRetriever:
         return self._cached[1]
 
     def _rows(self, product_ids: np.ndarray) -> np.ndarray:
-        try:
-            return np.fromiter((self.position[p] for p in product_ids), dtype=np.int64, count=len(product_ids))
-        except KeyError as e:
-            raise InputError(f"product {e.args[0]!r} of the evaluated split is not in the catalogue") from None
+        return catalogue_rows(self.position, product_ids)
+
+
+def catalogue_rows(position: dict, product_ids) -> np.ndarray:
+    """int64 [R]: each product id's row in a catalogue (`position`: id -> row); InputError for an unknown id."""
+    try:
+        return np.fromiter((position[p] for p in product_ids), dtype=np.int64, count=len(product_ids))
+    except KeyError as e:
+        raise InputError(f"product {e.args[0]!r} of the evaluated split is not in the catalogue") from None
 
 
 class BM25Retriever:
@@ -302,10 +306,10 @@ class HybridRetriever:
         self.k_rrf, self.depth = k_rrf, int(depth)
         self.name = name or f"hybrid({dense.name})"
         self.product_ids = np.asarray(dense.product_ids, dtype=object)
-        self._columns = [{p: i for i, p in enumerate(r.product_ids)} for r in (dense, bm25)]
-        if self._columns[0].keys() != self._columns[1].keys():
-            raise ValueError(f"the dense retriever ({len(self._columns[0])} products) and BM25 "
-                             f"({len(self._columns[1])} products) index different catalogues; build both from the same one")
+        self._positions = [{p: i for i, p in enumerate(r.product_ids)} for r in (dense, bm25)]
+        if self._positions[0].keys() != self._positions[1].keys():
+            raise ValueError(f"the dense retriever ({len(self._positions[0])} products) and BM25 "
+                             f"({len(self._positions[1])} products) index different catalogues; build both from the same one")
 
     def search(self, judged: Judged, k: int) -> np.ndarray:
         depth = max(self.depth, int(k))
@@ -322,18 +326,14 @@ class HybridRetriever:
     def _pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
         """RRF of each row's (query, product) from full-catalogue ranks, float64 [R]."""
         scores = np.zeros(len(judged.row_query), np.float64)
-        for retriever, column in zip((self.dense, self.bm25), self._columns):
-            try:
-                columns = np.fromiter((column[p] for p in product_ids), dtype=np.int64, count=len(product_ids))
-            except KeyError as e:
-                raise InputError(f"product {e.args[0]!r} of the evaluated split is not in the catalogue") from None
-            scores += 1.0 / (self.k_rrf + catalogue_ranks(retriever, judged, columns))
+        for retriever, position in zip((self.dense, self.bm25), self._positions):
+            scores += 1.0 / (self.k_rrf + catalogue_ranks(retriever, judged, catalogue_rows(position, product_ids)))
         return scores
 
 
 def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None):
     """`(retriever, data_dir, model)` of a run: its product vectors from `RUN/index/` when that index
-    covers the data set's catalogue, else embedded now."""
+    covers the data set's catalogue, else embedded now (said through `log`, when given)."""
     from tf_q2e.index import INDEX_DIR, META_FILE, embed_catalog, load_index
     from tf_q2e.train import load_model
 
@@ -346,11 +346,9 @@ def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None)
     if index is not None and index.meta.get("catalog") == os.path.abspath(catalog):
         ids, vectors = index.product_ids, index.vectors
     else:
-        (log or _log)(f"embedding the catalogue {catalog} (no index of it in {run_dir})")
+        if log is not None:
+            log(f"embedding the catalogue {catalog} (no index of it in {run_dir})")
         ids, _, vectors = embed_catalog(model, catalog, model.config.index.batch_size, model.config.data.on_bad_rows)
     name = os.path.basename(os.path.normpath(run_dir))
     return DenseRetriever(model, ids, vectors, name=name), data_dir, model
 
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
