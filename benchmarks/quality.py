@@ -80,6 +80,7 @@ def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict
         "--bootstrap", str(args.bootstrap), log=log)
     with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
         reports = json.load(f)
+
     def key(path):  # a run directory may be reached through a symbolic link
         return os.path.realpath(path or "")
 

@@ -67,7 +67,8 @@ class Que2EngageModel(tfrs.Model):
         self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, text_encoder=encoder,
                                           jit_compile=jit_compile, name="product_tower")
         self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
-        self.engagement = EngagementBCE(m.scale if m.engagement_scale is None else m.engagement_scale, learned_bias=m.engagement_bias == "learned", name="engagement")
+        engagement_scale = m.scale if m.engagement_scale is None else m.engagement_scale
+        self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned", name="engagement")
         self.engagement_weight = float(m.engagement_weight)
         self.product_log_q = product_log_q if m.logq_correction else None
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")

@@ -132,9 +132,10 @@ def split_reading(t, rows: int, model: Que2EngageModel, rows_read: int | None = 
     tf.data throws such a partial cache away (and warns); it still hashes
     that split in the pipeline.
     """
-    small = t.cache == "memory" or (t.cache == "auto" and rows <= AUTO_CACHE_ROWS)
-    cached = t.cache == "memory" or (small and (rows_read is None or rows_read >= rows))
-    hashed = small or t.featurize_in_pipeline
+    auto_cache = t.cache == "auto" and rows <= AUTO_CACHE_ROWS
+    whole_pass = rows_read is None or rows_read >= rows
+    cached = t.cache == "memory" or (auto_cache and whole_pass)
+    hashed = t.cache == "memory" or auto_cache or t.featurize_in_pipeline
     return {"cache": "" if cached else None, "chunk_fn": model.featurize if hashed else None}
 
 
