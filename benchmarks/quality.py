@@ -120,7 +120,7 @@ def table(rows: dict, seeds: int) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gt = ("" if not any(m.startswith("gt_") and m in values for values in rows.values() for m in METRICS) else
           " gt_recall@100, gt_ndcg@10: against the hidden engagement model's exact ground truth (the manifest's"
-          " best products per test query for its searchers' most common country; tf_q2e/evaluate.py).")
+          " best products per test query for its searchers' most common country; tf_q2e/judged.py, tf_q2e/evaluate.py).")
     return "\n".join(lines) + (f"\n\nDense and hybrid rows: mean ± standard deviation over {seeds} seed(s). Hybrid: the "
                                "run's dense retrieval and BM25 fused by reciprocal rank fusion, "
                                "1/(60 + rank_dense) + 1/(60 + rank_bm25) (`q2e compare --hybrid`)." + gt + "\n")
