@@ -96,6 +96,19 @@ def test_q2e_evaluate_writes_the_report_and_plots(run, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_validation_report_goes_beside_the_test_report(run, capsys):
+    run_dir, data = run
+    assert main(["evaluate", "--run", run_dir, "--bootstrap", "20"]) == 0
+    assert main(["evaluate", "--run", run_dir, "--split", "validation", "--bootstrap", "20"]) == 0
+    assert "eval-validation" in capsys.readouterr().out
+    reports = {}
+    for name in ("eval", "eval-validation"):
+        with open(os.path.join(run_dir, name, "report.json")) as f:
+            reports[name] = json.load(f)
+    assert reports["eval"]["split"] == "test" and reports["eval-validation"]["split"] == "validation"
+    assert reports["eval"]["queries"] != reports["eval-validation"]["queries"]
+
+
 def test_dense_scores_are_the_towers_cosines(run):
     from tf_q2e.retrievers import dense_retriever_for_run
 

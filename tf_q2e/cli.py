@@ -116,12 +116,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tf_q2e.evaluate import comparison_table, evaluate_run
+    from tf_q2e.evaluate import comparison_table, eval_dir, evaluate_run
 
     _check_bootstrap(args.bootstrap)
     report = evaluate_run(args.run, args.data, args.split, n_boot=args.bootstrap)
     print(comparison_table([report]), end="")
-    print(f"wrote {os.path.join(args.run, 'eval')}: report.json, report.md, recall_at_k.png, score_histograms.png")
+    print(f"wrote {eval_dir(args.run, args.split)}: report.json, report.md, recall_at_k.png, score_histograms.png")
     return 0
 
 

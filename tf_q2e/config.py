@@ -42,12 +42,17 @@ class DataConfig:
       quarantine_dir: where skipped rows go; null = `<data dir>/quarantine`
         (for `q2e train`: the run directory).
       image_dim: length of `product_image_embedding`; null = as in the data.
+      pseudo_queries: extra training rows per catalogue product whose query is
+        a random subset of the product's title words (contrastive positives
+        without an engagement label; `tf_q2e.data.pseudo_queries`); 0 = none.
+        Helps small logs, where most products were never reached by a query.
     """
 
     dir: str | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
     quarantine_dir: str | None = None
     image_dim: int | None = None
+    pseudo_queries: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.shuffle_buffer ({t.shuffle_buffer}) must be 0 (no shuffling) or more")
     if cfg.data.image_dim is not None and cfg.data.image_dim < 0:
         raise ConfigError(f"data.image_dim ({cfg.data.image_dim}) must be null (as in the data), 0 (none) or positive")
+    if cfg.data.pseudo_queries < 0:
+        raise ConfigError(f"data.pseudo_queries ({cfg.data.pseudo_queries}) must be 0 (none) or more rows per product")
     for name in ("epochs", "steps_per_epoch", "validation_steps", "num_devices", "steps_per_execution"):
         value = getattr(t, name)
         if value is not None and value < 1:

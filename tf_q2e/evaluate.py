@@ -1,7 +1,8 @@
 """The multitask evaluation: does retrieval return what people engage with, and stay relevant?
 
 `evaluate_run(RUN)` scores a held-out split (by query) of a data set with a
-retriever and writes `RUN/eval/report.json`, `report.md` and plots. A
+retriever and writes `RUN/eval/report.json`, `report.md` and plots (another
+split than test: `RUN/eval-<split>/`, e.g. to choose a config on validation). A
 retriever is anything with `search` and `score_pairs` (`tf_q2e.retrievers`:
 `DenseRetriever` for a trained run, `BM25Retriever` for the lexical baseline
 over `tf_q2e.bm25`, `HybridRetriever` for both fused by reciprocal rank
@@ -58,6 +59,12 @@ from tf_q2e.judged import GroundTruth, Judged, load_judged, split_ground_truth, 
 from tf_q2e.retrievers import BM25Retriever, HybridRetriever, dense_retriever_for_run
 
 EVAL_DIR = "eval"
+
+
+def eval_dir(run_dir: str, split: str = "test") -> str:
+    """Where a run's report of `split` goes: `RUN/eval/` for the test split, `RUN/eval-<split>/` for others
+    (a validation report, read to choose a config, never overwrites the test report)."""
+    return os.path.join(run_dir, EVAL_DIR if split == "test" else f"{EVAL_DIR}-{split}")
 RECALL_KS = (10, 100, 1000)
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NDCG_K = 10
@@ -165,7 +172,7 @@ def _finite(x: float) -> float | None:
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test", n_boot: int = 1000,
                  seed: int = 0, log=None) -> dict:
-    """Evaluates a trained run on a split and writes `RUN/eval/` (report.json, report.md, plots)."""
+    """Evaluates a trained run on a split and writes `eval_dir(RUN, split)` (report.json, report.md, plots)."""
     log = log or _log
     retriever, data_dir, model = dense_retriever_for_run(run_dir, data_dir, log)
     judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
@@ -173,7 +180,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
                       truth=split_ground_truth(data_dir, split))
     report.update({"run": os.path.abspath(run_dir), "data": os.path.abspath(data_dir), "split": split,
                    "engagement_weight": model.config.model.engagement_weight})
-    write_report(report, os.path.join(run_dir, EVAL_DIR))
+    write_report(report, eval_dir(run_dir, split))
     return report
 
 
@@ -181,7 +188,7 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
             out_dir: str | None = None, n_boot: int = 1000, seed: int = 0, hybrid: bool = False) -> str:
     """One table of several runs (each evaluated on the same data and split); with `bm25`, the
     BM25 baseline; with `hybrid`, one `HybridRetriever` row per run (the run's dense retrieval and
-    BM25 fused by RRF, named `hybrid(<run>)`). A run's `RUN/eval/report.json` is reused when it is
+    BM25 fused by RRF, named `hybrid(<run>)`). A run's saved report of the split is reused when it is
     of the same data and split (and has the ground-truth metrics when the split has ground truth); the
     BM25 index is built once for both."""
     if hybrid and not runs:
@@ -228,7 +235,7 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
 
 
 def _saved_report(run_dir: str, data_dir: str | None, split: str) -> dict | None:
-    path = os.path.join(run_dir, EVAL_DIR, "report.json")
+    path = os.path.join(eval_dir(run_dir, split), "report.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:

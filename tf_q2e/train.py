@@ -4,6 +4,8 @@
 
     RUN/config.yaml         the resolved config (defaults filled in, overrides applied)
     RUN/data_report.json    validation of the data set (RUN/quarantine/ holds skipped rows)
+    RUN/pseudo_queries.parquet  with `data.pseudo_queries` > 0: the extra training rows made
+                            from catalogue titles (`tf_q2e.data.pseudo_queries`)
     RUN/model.json          what the model was built from (data dir, image_dim, context columns)
     RUN/history.json        Keras history: metric name -> one value per epoch, every epoch of
                             the run (rewritten at each epoch end; a resumed run keeps the
@@ -33,6 +35,7 @@ import os
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tensorflow as tf
@@ -41,6 +44,7 @@ from tf_q2e.config import Config
 from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format
 from tf_q2e.data.pipeline import ImpressionPipeline
+from tf_q2e.data.pseudo_queries import PSEUDO_QUERY_FILE, write_pseudo_queries
 from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
 from tf_q2e.errors import ConfigError, DataError, InputError
 from tf_q2e.model import Que2EngageModel
@@ -84,14 +88,17 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     )
 
 
-def product_log_frequencies(train_file: str) -> tf.lookup.StaticHashTable:
+def product_log_frequencies(train_files: list[str]) -> tf.lookup.StaticHashTable:
     """Table product id -> log(its share of the training rows), for logQ correction.
 
     Unseen products get the log share of a product seen once.
     """
-    if file_format(train_file) != "parquet":
-        raise DataError(f"{train_file}: logQ correction reads product frequencies from Parquet files only")
-    counts = pc.value_counts(pq.read_table(train_file, columns=[S.PRODUCT_ID]).column(S.PRODUCT_ID).combine_chunks())
+    for path in train_files:
+        if file_format(path) != "parquet":
+            raise DataError(f"{path}: logQ correction reads product frequencies from Parquet files only")
+    ids = pa.concat_arrays([pq.read_table(path, columns=[S.PRODUCT_ID]).column(S.PRODUCT_ID).combine_chunks()
+                            for path in train_files])
+    counts = pc.value_counts(ids)
     ids = counts.field("values").to_numpy(zero_copy_only=False).astype(object)
     n = counts.field("counts").to_numpy().astype(np.float64)
     log_p = np.log(n / n.sum()).astype(np.float32)
@@ -197,13 +204,24 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     _log(report.format_text())
 
     pipeline = ImpressionPipeline([splits["train"]], catalog, on_bad_rows=config.data.on_bad_rows, image_dim=config.data.image_dim)
+    context_columns = tuple(c for c in pipeline.columns if S.is_query_context(c))
+    rows = {r.path: r.rows_kept for r in report.files}
+    train_files = [splits["train"]]
+    if config.data.pseudo_queries:
+        path = os.path.join(out, PSEUDO_QUERY_FILE)
+        rows[path] = write_pseudo_queries(catalog, splits["train"], path, config.data.pseudo_queries, t.seed,
+                                          context_columns, pipeline.image_dim)
+        _log(f"{path}: {rows[path]} pseudo-query rows ({config.data.pseudo_queries} per catalogue product)")
+        train_files.append(path)
+        pipeline = ImpressionPipeline(train_files, pipeline.products, on_bad_rows=config.data.on_bad_rows,
+                                      image_dim=pipeline.image_dim or None)
+    train_rows = sum(rows[f] for f in train_files)
     validation = (
         ImpressionPipeline([splits["validation"]], pipeline.products, on_bad_rows=config.data.on_bad_rows,
                            image_dim=pipeline.image_dim or None)
         if "validation" in splits
         else None
     )
-    context_columns = tuple(c for c in pipeline.columns if S.is_query_context(c))
     with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as f:
         json.dump({"data_dir": os.path.abspath(data_dir), "image_dim": pipeline.image_dim,
                    "context_columns": list(context_columns)}, f, indent=2)
@@ -212,15 +230,13 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     tf.keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[t.mixed_precision])
     try:
         with strategy.scope():
-            log_q = product_log_frequencies(splits["train"]) if config.model.logq_correction else None
+            log_q = product_log_frequencies(train_files) if config.model.logq_correction else None
             model = build_model(config, pipeline.image_dim, context_columns, log_q)
             model.compile(optimizer=make_optimizer(t.optimizer, t.learning_rate), steps_per_execution=_steps_per_execution(t))
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 
-    rows = {r.path: r.rows_kept for r in report.files}
-
-    steps = t.steps_per_epoch or max(1, rows[splits["train"]] // t.global_batch_size)
+    steps = t.steps_per_epoch or max(1, train_rows // t.global_batch_size)
     validation_steps = t.validation_steps
     if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
         n = rows[splits["validation"]]
@@ -230,7 +246,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     rows_read = {"train": steps * t.global_batch_size * t.epochs, "validation": (validation_steps or 0) * t.global_batch_size}
 
     def reading(split: str) -> dict:
-        return split_reading(t, rows[splits[split]], model, rows_read[split])
+        return split_reading(t, train_rows if split == "train" else rows[splits[split]], model, rows_read[split])
 
     def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
