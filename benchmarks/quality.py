@@ -5,11 +5,13 @@ repeat), for each data set:
 
     q2e train --config CFG --data DATA --set model.engagement_weight=L --set train.seed=S --out OUT/<data>/l<L>-s<S>
     q2e evaluate --run OUT/<data>/l<L>-s<S>
-    q2e compare ... --bm25 --hybrid
+    q2e compare ... --split validation --bm25 --hybrid
+    q2e compare ... --split test --bm25 --hybrid
 
 for every weight L in --lambdas (0 = contrastive only, Que2Search) and every
 seed in --seeds, then averages each metric over the seeds and writes the
-tables, the targets of the evaluation issue and the exact commands into
+tables of the test split (reported) and of the validation split (where a
+config and a weight are chosen), the targets of the evaluation issue and the exact commands into
 `--results` (default benchmarks/RESULTS.md), each data set between its own
 markers, so the rest of the file (and the other data set) is kept.
 
@@ -39,6 +41,8 @@ METRICS = ("recall@10", "recall@100", "recall@1000", "mrr", "engagement_auc_pool
            "ndcg@10", "relevance_auc", "in_batch_recall@1",
            "gt_recall@100", "gt_ndcg@10")  # gt_*: against the manifest's ground truth (synthetic data; "–" elsewhere)
 CONFIGS = {"homedepot": "configs/homedepot.yaml", "synth": "configs/default.yaml"}
+# Validation chooses (the config, λ), test reports: both tables are written.
+SPLITS = ("validation", "test")
 
 
 def q2e(*args: str, log: list[str], run: bool = True) -> None:
@@ -75,9 +79,14 @@ def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict
                 "--out", run, log=log, run=not reuse)
             q2e("evaluate", "--run", run, "--bootstrap", str(args.bootstrap), log=log, run=not reuse)
             runs.setdefault(f"{lam:g}", []).append(run)
-    compare_dir = os.path.join(out, dataset, "compare")
-    q2e("compare", *[r for rs in runs.values() for r in rs], "--bm25", "--hybrid", "--out", compare_dir,
-        "--bootstrap", str(args.bootstrap), log=log)
+    return {split: split_rows(split, runs, out, dataset, args, log) for split in SPLITS}
+
+
+def split_rows(split: str, runs: dict[str, list[str]], out: str, dataset: str, args, log: list[str]) -> dict:
+    """The table rows of one split: each weight's mean over seeds, BM25, and each weight's hybrid."""
+    compare_dir = os.path.join(out, dataset, "compare" if split == "test" else f"compare-{split}")
+    q2e("compare", *[r for rs in runs.values() for r in rs], "--split", split, "--bm25", "--hybrid",
+        "--out", compare_dir, "--bootstrap", str(args.bootstrap), log=log)
     with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
         reports = json.load(f)
 
@@ -183,11 +192,14 @@ def main(argv=None) -> int:
             write_results(args.results, dataset, f"## {dataset}\n\nNot run: {args.homedepot} is missing.\n")
             continue
         result = run_dataset(dataset, data, args.out, args, log)
-        text = (f"## {dataset}: test split, {result['queries']} queries ({result['queries_with_engaged']} with an engaged product)\n\n"
-                + table(result["rows"], len(args.seeds)) + "\n" + targets(result["rows"])
-                + f"\nProduced by `{command}` (this pass: {time.perf_counter() - start:.0f} s on a 2-core CPU; runs whose report "
-                + "existed were reused); the commands behind the table "
-                + "(from the repository root, `.venv/bin/` on the PATH):\n\n```sh\n" + "\n".join(log) + "\n```\n")
+        text = ""
+        for split in ("test", "validation"):
+            r = result[split]
+            text += (f"## {dataset}: {split} split, {r['queries']} queries ({r['queries_with_engaged']} with an engaged product)\n\n"
+                     + table(r["rows"], len(args.seeds)) + "\n" + targets(r["rows"]) + "\n")
+        text += (f"Produced by `{command}` (this pass: {time.perf_counter() - start:.0f} s on a 2-core CPU; runs whose report "
+                 + "existed were reused); the commands behind the tables "
+                 + "(from the repository root, `.venv/bin/` on the PATH):\n\n```sh\n" + "\n".join(log) + "\n```\n")
         print(text, flush=True)
         write_results(args.results, dataset, text)
     print(f"wrote {args.results}")
