@@ -99,6 +99,9 @@ class ModelConfig:
       share_text_encoder: the query text, title and description share one
         text encoder (n-gram table and MLP): a siamese text path, so lexical
         matching is learned once (implies share_text_tables).
+      text_pooling: how a text's n-gram rows become one vector: `mean`, or
+        `weighted` (a learned importance per n-gram bucket, softmax over the
+        text's n-grams; `tf_q2e.towers.EmbeddingBag`).
       modality_dropout: probability, per modality, of zeroing the whole
         modality vector of a row in training (Que2Engage); modalities:
         query_text, query_context, title, description, category, image.
@@ -123,6 +126,7 @@ class ModelConfig:
     fusion: Literal["attention", "concat"] = "attention"
     share_text_tables: bool = False
     share_text_encoder: bool = False
+    text_pooling: Literal["mean", "weighted"] = "mean"
     modality_dropout: dict[str, float] = field(
         default_factory=lambda: {"query_context": 0.1, "description": 0.1, "category": 0.1, "image": 0.1}
     )

@@ -58,7 +58,7 @@ class Que2EngageModel(tfrs.Model):
         self.config = config
         self.image_dim = image_dim
         self.context_columns = tuple(context_columns)
-        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, name="shared_text_bag") \
+        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, m.text_pooling, name="shared_text_bag") \
             if m.share_text_tables or m.share_text_encoder else None
         encoder = TextModality(TextHasher.from_config_section(f), shared, m.hidden_dim, m.embedding_dim, jit_compile,
                                name="shared_text") if m.share_text_encoder else None

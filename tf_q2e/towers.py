@@ -32,16 +32,25 @@ IDS_SUFFIX = "#ids"
 
 
 class EmbeddingBag(tf.keras.layers.Layer):
-    """Mean of the table rows of each row's ids: ragged `[B, None]` int64 → `[B, E]`.
+    """Pooled table rows of each row's ids: ragged `[B, None]` int64 → `[B, E]`.
 
-    Rows with no ids give zeros. The lookup is a `tf.gather`, so the table's
-    gradient is sparse.
+    `pooling="mean"` averages the rows. `pooling="weighted"` learns one
+    importance `w` per bucket as well and takes `Σ_i e^{w_i}·row_i / Σ_i e^{w_i}`
+    (w starts at 0, i.e. at the mean; clipped to [-5, 5]): the towers can learn
+    that a model number or a brand says more than "in" or "with", as BM25's IDF
+    does. Rows with no ids give zeros. The lookups are `tf.gather`s, so the
+    tables' gradients are sparse.
     """
 
-    def __init__(self, buckets: int, dim: int, **kwargs):
+    POOLINGS = ("mean", "weighted")
+
+    def __init__(self, buckets: int, dim: int, pooling: str = "mean", **kwargs):
         super().__init__(**kwargs)
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling must be one of {self.POOLINGS}, got {pooling!r}")
         self.buckets = buckets
         self.dim = dim
+        self.pooling = pooling
 
     def build(self, input_shape) -> None:
         self.table = self.add_weight(
@@ -50,6 +59,9 @@ class EmbeddingBag(tf.keras.layers.Layer):
             initializer=tf.keras.initializers.RandomNormal(stddev=0.05),
             dtype=tf.float32,
         )
+        if self.pooling == "weighted":
+            self.importance = self.add_weight(name="importance", shape=(self.buckets,), initializer="zeros",
+                                              dtype=tf.float32)
         super().build(input_shape)
 
     def call(self, ids: tf.RaggedTensor) -> tf.Tensor:
@@ -58,12 +70,17 @@ class EmbeddingBag(tf.keras.layers.Layer):
         unique_ids, position = tf.unique(ids.flat_values)
         vectors = tf.gather(tf.gather(self.table, unique_ids), position)  # [T, E]
         row_ids = ids.value_rowids()
+        if self.pooling == "weighted":
+            weights = tf.exp(tf.clip_by_value(tf.gather(tf.gather(self.importance, unique_ids), position), -5.0, 5.0))
+            sums = tf.math.unsorted_segment_sum(vectors * weights[:, tf.newaxis], row_ids, num_segments=rows)
+            norms = tf.math.unsorted_segment_sum(weights, row_ids, num_segments=rows)[:, tf.newaxis]
+            return tf.cast(tf.math.divide_no_nan(sums, norms), self.compute_dtype)
         sums = tf.math.unsorted_segment_sum(vectors, row_ids, num_segments=rows)  # [B, E]
         counts = tf.cast(ids.row_lengths(), vectors.dtype)[:, tf.newaxis]
         return tf.cast(sums / tf.maximum(counts, 1.0), self.compute_dtype)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim}
+        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim, "pooling": self.pooling}
 
 
 def _mlp(hidden: int, out: int, name: str) -> tf.keras.Sequential:
@@ -247,7 +264,8 @@ class QueryTower(_Tower):
     ):
         super().__init__(model_cfg, seed, **kwargs)
         self.context_columns = tuple(context_columns)
-        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="query_text_bag")
+        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, model_cfg.text_pooling,
+                                       name="query_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
         text = text_encoder or TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, self.jit_compile, name="query_text")
         self._add("query_text", text, S.QUERY)
@@ -275,7 +293,8 @@ class ProductTower(_Tower):
     ):
         super().__init__(model_cfg, seed, **kwargs)
         self.image_dim = image_dim
-        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, name="product_text_bag")
+        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, model_cfg.text_pooling,
+                                       name="product_text_bag")
         hasher = TextHasher.from_config_section(features_cfg)
         h, d = model_cfg.hidden_dim, model_cfg.embedding_dim
         self._add("title", text_encoder or TextModality(hasher, bag, h, d, self.jit_compile, name="title"), S.PRODUCT_TITLE)
