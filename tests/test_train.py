@@ -112,6 +112,24 @@ def test_contrastive_only_baseline_has_no_engagement_term(data_dir):
     assert model.engagement_loss.result().numpy() > 0.1  # still measured, just not trained
 
 
+def test_engagement_auc_ranks_cosines_that_the_bce_sigmoid_saturates():
+    """Engaged rows at cosine 0.9-0.95, hard negatives at 0.5-0.6: σ(20·c) is above 0.9999 for all of
+    them, yet they are perfectly ranked; the metric must say 1.0 (it said ~0.5 on σ's buckets)."""
+    model = build_model(load_config(None, SMALL), 0, ())
+    engaged = np.array([1, 1, 1, 0, 0, 0, -1], np.int32)
+    cosines = np.array([0.9, 0.93, 0.95, 0.5, 0.55, 0.6, -0.4], np.float32)
+    queries = np.zeros((7, 2), np.float32)
+    queries[:, 0] = 1.0
+    products = np.stack([cosines, np.sqrt(1 - cosines**2)], axis=1)
+    model.call = lambda features, training=None: (tf.constant(queries), tf.constant(products))
+    model.compute_loss({"product_id": tf.constant([f"P{i}" for i in range(7)]), "engaged": tf.constant(engaged)})
+    assert model.engagement_auc.result().numpy() == pytest.approx(1.0)
+    model.engagement_auc.reset_state()
+    swapped = np.array([0, 0, 0, 1, 1, 1, -1], np.int32)  # now the engaged rows have the low cosines
+    model.compute_loss({"product_id": tf.constant([f"P{i}" for i in range(7)]), "engaged": tf.constant(swapped)})
+    assert model.engagement_auc.result().numpy() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_q2e_train_needs_data(capsys):
     assert main(["train", "--out", "unused"]) == 2
     assert "no data set given" in capsys.readouterr().err

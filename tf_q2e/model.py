@@ -6,7 +6,8 @@
 updates the metrics that `fit` logs: `loss` (L of the global batch),
 `contrastive_loss`, `engagement_loss`, `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
-`engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows).
+`engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
+1,001 even buckets of the cosine).
 
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
@@ -26,6 +27,9 @@ from tf_q2e.data import schema as S
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval, global_sum
 from tf_q2e.features import TextHasher
 from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality
+
+# Buckets of the engagement AUC metric over the cosine's range [-1, 1] (width 0.002).
+AUC_THRESHOLDS = 1001
 
 
 class Que2EngageModel(tfrs.Model):
@@ -75,7 +79,10 @@ class Que2EngageModel(tfrs.Model):
         self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
         self.engagement_loss = tf.keras.metrics.Mean(name="engagement_loss")
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
-        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", from_logits=True)
+        # AUC is rank-based, so the AUC of c_i is that of σ(s·c_i + b); but σ(20·c) saturates: every
+        # c > 0.27 falls in the top one of Keras's 200 probability buckets, so a contrastive-only model
+        # showed an AUC near 0.5 whatever its ranking. The metric buckets (c + 1) / 2 evenly instead.
+        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", num_thresholds=AUC_THRESHOLDS)
 
     def featurize(self, features: dict) -> dict:
         """Hashes the text features of a batch (for `dataset.map`; see `_Tower.featurize`)."""
@@ -103,7 +110,9 @@ class Que2EngageModel(tfrs.Model):
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
         self.recall_at_1.update_state(ctr.hits_at_1)
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
-        self.engagement_auc.update_state(engaged, bce.logits, sample_weight=bce.labelled)
+        cosine = tf.reduce_sum(tf.cast(queries, tf.float32) * tf.cast(products, tf.float32), axis=1)
+        self.engagement_auc.update_state(engaged, tf.clip_by_value((cosine + 1.0) / 2.0, 0.0, 1.0),
+                                         sample_weight=bce.labelled)
         self.loss_tracker.update_state(global_sum(loss))
         return loss
 
