@@ -17,6 +17,7 @@ from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.pipeline import dataset_from_dir
 from tf_q2e.data.synth import generate
+from tf_q2e.optimizers import make_optimizer
 from tf_q2e.train import HistoryFile, build_model, load_model, split_reading, train
 
 
@@ -128,6 +129,32 @@ def test_engagement_auc_ranks_cosines_that_the_bce_sigmoid_saturates():
     swapped = np.array([0, 0, 0, 1, 1, 1, -1], np.int32)  # now the engaged rows have the low cosines
     model.compute_loss({"product_id": tf.constant([f"P{i}" for i in range(7)]), "engaged": tf.constant(swapped)})
     assert model.engagement_auc.result().numpy() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("trains_tables", [True, False])
+def test_engagement_gradient_reaches_the_tables_only_when_asked(data_dir, trains_tables):
+    """One step of λ = 0.5 against one step of λ = 0 from the same weights: without
+    `engagement_trains_tables` the embedding tables move exactly as under the contrastive task alone,
+    while the dense layers still learn from the BCE."""
+    batch = next(iter(dataset_from_dir(data_dir, "train", 64, training=False)))
+    models = {}
+    for lam in (0.5, 0.0):
+        tf.keras.utils.set_random_seed(11)
+        config = load_config(None, SMALL + [f"model.engagement_weight={lam}",
+                                            f"model.engagement_trains_tables={str(trains_tables).lower()}",
+                                            "model.modality_dropout.query_context=0", "model.modality_dropout.description=0",
+                                            "model.modality_dropout.category=0", "model.modality_dropout.image=0"])
+        model = build_model(config, 4, ("query_country",))
+        model(batch)
+        model.compile(optimizer=make_optimizer("adam", 0.01))
+        model.train_step(batch)
+        models[lam] = [(v.name.split("/", 1)[1], v.numpy()) for v in model.trainable_variables]
+    pairs = [(name, a, b) for (name, a), (_, b) in zip(models[0.5], models[0.0])]
+    tables = [(a, b) for name, a, b in pairs if "table" in name or "embeddings" in name]
+    dense = [(a, b) for name, a, b in pairs if "kernel" in name]
+    assert len(tables) >= 3 and dense
+    assert all(np.allclose(a, b, atol=1e-7) for a, b in tables) == (not trains_tables)
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in dense)
 
 
 def test_q2e_train_needs_data(capsys):

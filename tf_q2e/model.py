@@ -13,7 +13,9 @@ scores highest among the global batch, Que2Search's batch metric) and
 baseline from the same code.
 
 `train_step` replaces `tfrs.Model`'s to add loss scaling for float16 mixed
-precision and to log the global loss: under `MirroredStrategy` each replica's
+precision, to keep the BCE's gradient out of the embedding tables when
+`model.engagement_trains_tables` is false (a second backward pass, of L_ctr
+alone, gives the tables' gradients) and to log the global loss: under `MirroredStrategy` each replica's
 loss is only its share of the global batch's.
 """
 
@@ -101,6 +103,11 @@ class Que2EngageModel(tfrs.Model):
         return self.query_tower(features, training=training), self.product_tower(features, training=training)
 
     def compute_loss(self, features: dict, training: bool = False) -> tf.Tensor:
+        ctr_loss, bce_loss = self.task_losses(features, training)
+        return ctr_loss + self.engagement_weight * bce_loss
+
+    def task_losses(self, features: dict, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
         queries, products = self(features, training=training)
         log_q = self.product_log_q.lookup(features[S.PRODUCT_ID]) if self.product_log_q is not None else None
         ctr = self.retrieval(queries, products, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
@@ -114,17 +121,28 @@ class Que2EngageModel(tfrs.Model):
         self.engagement_auc.update_state(engaged, tf.clip_by_value((cosine + 1.0) / 2.0, 0.0, 1.0),
                                          sample_weight=bce.labelled)
         self.loss_tracker.update_state(global_sum(loss))
-        return loss
+        return ctr.loss, bce.loss
 
     def train_step(self, features: dict) -> dict:
         optimizer = self.optimizer
         scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(features, training=True)
-            if self.losses:  # regularisation, split over replicas like the loss
-                loss += tf.add_n(self.losses) / tf.distribute.get_strategy().num_replicas_in_sync
+        # Without `engagement_trains_tables` the BCE's gradient reaches the dense layers only: the
+        # embedding tables (sparse gradients) learn from the contrastive task alone.
+        split = not self.config.model.engagement_trains_tables and self.engagement_weight > 0
+        with tf.GradientTape(persistent=split) as tape:
+            ctr_loss, bce_loss = self.task_losses(features, training=True)
+            regularisation = (tf.add_n(self.losses) / tf.distribute.get_strategy().num_replicas_in_sync
+                              if self.losses else 0.0)  # split over replicas like the loss
+            loss = ctr_loss + self.engagement_weight * bce_loss + regularisation
             target = optimizer.get_scaled_loss(loss) if scaled else loss
+            if split:
+                ctr_target = ctr_loss + regularisation
+                ctr_target = optimizer.get_scaled_loss(ctr_target) if scaled else ctr_target
         gradients = tape.gradient(target, self.trainable_variables)
+        if split:
+            ctr_gradients = tape.gradient(ctr_target, self.trainable_variables)
+            gradients = [c if isinstance(g, tf.IndexedSlices) else g for g, c in zip(gradients, ctr_gradients)]
+            del tape
         if scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
         optimizer.apply_gradients(zip(gradients, self.trainable_variables))
