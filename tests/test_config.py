@@ -23,6 +23,14 @@ def test_default_yaml_lists_exactly_the_defaults():
     assert load_config(os.path.join(CONFIGS, "default.yaml")) == load_config(None)
 
 
+def test_default_yaml_lists_every_field():
+    with open(os.path.join(CONFIGS, "default.yaml"), encoding="utf-8") as f:
+        listed = yaml.safe_load(f)
+    for section, fields in load_config(None).to_dict().items():
+        missing = set(fields) - set(listed.get(section) or {})
+        assert not missing, f"configs/default.yaml lacks {section}: {sorted(missing)}"
+
+
 def test_overrides_are_parsed_as_yaml_and_nested():
     cfg = load_config(None, ["train.global_batch_size=1024", "data.dir=null", "data.on_bad_rows=skip", "data.dir=/x y"])
     assert cfg.train.global_batch_size == 1024
