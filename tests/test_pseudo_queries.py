@@ -57,7 +57,8 @@ def data_dir(tmp_path_factory):
 def test_written_rows_carry_the_catalogue_fields_and_no_engagement_label(data_dir, tmp_path):
     catalog, train = os.path.join(data_dir, S.CATALOG_FILE), os.path.join(data_dir, "train.parquet")
     path = str(tmp_path / PSEUDO_QUERY_FILE)
-    n = write_pseudo_queries(catalog, train, path, 2, seed=0, context_columns=("query_country",), image_dim=4)
+    reference = ImpressionPipeline([train], catalog).products
+    n = write_pseudo_queries(reference, train, path, 2, seed=0, context_columns=("query_country",), image_dim=4)
     table = pq.read_table(path)
     products = {r[S.PRODUCT_ID]: r for r in pq.read_table(catalog).to_pylist()}
     assert n == table.num_rows == 2 * len(products)

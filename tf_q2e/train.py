@@ -209,7 +209,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     train_files = [splits["train"]]
     if config.data.pseudo_queries:
         path = os.path.join(out, PSEUDO_QUERY_FILE)
-        rows[path] = write_pseudo_queries(catalog, splits["train"], path, config.data.pseudo_queries, t.seed,
+        rows[path] = write_pseudo_queries(pipeline.products, splits["train"], path, config.data.pseudo_queries, t.seed,
                                           context_columns, pipeline.image_dim)
         _log(f"{path}: {rows[path]} pseudo-query rows ({config.data.pseudo_queries} per catalogue product)")
         train_files.append(path)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tf_q2e.data import schema as S
+from tf_q2e.data.products import ProductReference
 from tf_q2e.data.validate import Validator
 
 PSEUDO_QUERY_FILE = "pseudo_queries.parquet"
@@ -66,26 +67,30 @@ def pseudo_queries(titles: list[str], per_product: int, query_lengths: np.ndarra
     return np.asarray(rows, np.int64), queries
 
 
-def write_pseudo_queries(catalog: str, train_file: str, out_path: str, per_product: int, seed: int,
+def write_pseudo_queries(products: ProductReference, train_file: str, out_path: str, per_product: int, seed: int,
                          context_columns: tuple[str, ...] = (), image_dim: int = 0) -> int:
     """Writes the pseudo-query rows of every catalogue product to `out_path` (Parquet); returns their count.
 
-    The rows follow the canonical impression schema of the training split
+    `products` is the validated catalogue as a training pipeline holds it
+    (`ImpressionPipeline.products`, frozen), so it is not read again. The rows
+    follow the canonical impression schema of the training split
     (`context_columns` empty, `relevance` null) and carry each product's
-    catalogue fields. Bad rows of the input files are left out here: the
-    caller has validated the data set and decided about them already.
+    catalogue fields. Bad rows of the training file are left out of the
+    query-length sample: the caller has validated the data set and decided
+    about them already.
     """
     validator = Validator(on_bad_rows="collect", image_dim=image_dim or None)
-    products = pa.concat_tables(list(validator.iter_file(catalog, "catalog")))
+    validator.products = products  # frozen: the training rows are checked against it, not added to it
+    catalogue = products.table
     lengths: list[int] = []
     for table in validator.iter_file(train_file, "impressions"):  # a sample of the log is enough
         lengths += [n for q in table.column(S.QUERY).to_pylist() if (n := len(q.split())) > 0]
         if len(lengths) >= LENGTH_SAMPLE:
             break
-    rows, queries = pseudo_queries(products.column(S.PRODUCT_TITLE).to_pylist(), per_product, np.asarray(lengths or [1]),
+    rows, queries = pseudo_queries(catalogue.column(S.PRODUCT_TITLE).to_pylist(), per_product, np.asarray(lengths or [1]),
                                    np.random.default_rng(seed))
     schema = S.impression_schema(image_dim, context_columns)
-    picked = products.take(pa.array(rows))
+    picked = catalogue.take(pa.array(rows))
     n = len(queries)
     columns = {S.QUERY: pa.array(queries, pa.string()), S.ENGAGED: pa.array(np.full(n, S.ENGAGED_UNLABELLED, np.int8)),
                S.RELEVANCE: pa.nulls(n, pa.float32()), **{c: pa.array([""] * n, pa.string()) for c in context_columns}}
