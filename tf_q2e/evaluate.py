@@ -59,12 +59,6 @@ from tf_q2e.judged import GroundTruth, Judged, load_judged, split_ground_truth, 
 from tf_q2e.retrievers import BM25Retriever, HybridRetriever, dense_retriever_for_run
 
 EVAL_DIR = "eval"
-
-
-def eval_dir(run_dir: str, split: str = "test") -> str:
-    """Where a run's report of `split` goes: `RUN/eval/` for the test split, `RUN/eval-<split>/` for others
-    (a validation report, read to choose a config, never overwrites the test report)."""
-    return os.path.join(run_dir, EVAL_DIR if split == "test" else f"{EVAL_DIR}-{split}")
 RECALL_KS = (10, 100, 1000)
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NDCG_K = 10
@@ -72,6 +66,12 @@ NDCG_K = 10
 
 GT_RECALL_K = 100  # gt_recall@K: how deep the true best products are looked for
 GT_TRUE_BEST = 10  # ... of the true list's first this many
+
+
+def eval_dir(run_dir: str, split: str = "test") -> str:
+    """Where a run's report of `split` goes: `RUN/eval/` for the test split, `RUN/eval-<split>/` for others
+    (a validation report, read to choose a config, never overwrites the test report)."""
+    return os.path.join(run_dir, EVAL_DIR if split == "test" else f"{EVAL_DIR}-{split}")
 
 
 def ground_truth_recall(ranked, truth: GroundTruth, k: int = GT_RECALL_K, best: int = GT_TRUE_BEST) -> np.ndarray:
