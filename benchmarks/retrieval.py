@@ -489,10 +489,11 @@ def run(args, work: str) -> dict:
     # searches alone on the same query vectors (ScaNN's op with the exported options; matmul + top_k
     # over the catalogue, as in retrieval_exact), in the same rotation.
     latency_texts = texts[:args.latency_queries]
+    vector_of = dict(zip(texts, query_vectors))
     calls = {"retrieval": in_process_call(retrieval), "retrieval_exact": in_process_call(retrieval_exact),
              "query_encoder": in_process_call(query_encoder),
-             **search_only_calls(searcher, chosen, catalogue.vectors, dict(zip(texts, query_vectors))),
-             **floor_calls(work, searcher, chosen, dict(zip(texts, query_vectors)))}
+             **search_only_calls(searcher, chosen, catalogue.vectors, vector_of),
+             **floor_calls(work, searcher, chosen, vector_of)}
     times = interleaved_latencies(calls, latency_texts)
     fig["latency_in_process"] = latency_summary(times, "retrieval", "retrieval_exact")
     fig["latency_in_process"]["search_only_speedup_p50"] = round(
