@@ -1,0 +1,168 @@
+// Latency of SavedModel signatures in TensorFlow's C++ runtime, the way TensorFlow Serving runs them.
+//
+// TensorFlow Serving loads a SavedModel with tensorflow::LoadSavedModel and answers a Predict
+// request with one Session::Run of the signature's feeds and fetches. This program does the same,
+// in one process, for one query string per call, and prints the milliseconds of each call as JSON.
+// It leaves out what a server adds around the call (protocol buffers, gRPC, batching), so the
+// figures are the model's own cost without an interpreter in front of it.
+//
+// benchmarks/retrieval.py builds and runs it (g++ with tf.sysconfig's flags, linked against the
+// libtensorflow_cc.so.2 and libtensorflow_framework.so.2 of the installed TensorFlow wheel).
+//
+// Usage:
+//   serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... LABEL=SAVED_MODEL_DIR:SIGNATURE ...
+//
+// QUERIES_FILE holds one query string per line. Each signature takes the string as its `query`
+// input (shape [1]). The calls take turns in blocks of BLOCK queries, the order of the signatures
+// rotating from block to block (as benchmarks/retrieval.py does in Python), after WARMUP queries
+// sent to every signature. `--load-library` loads a custom-op library (ScaNN's _scann_ops.so)
+// before the SavedModels that need it, as a TensorFlow Serving build with the ops linked in would.
+//
+// Output (stdout, one line): {"times_ms": {LABEL: [ms, ...]}, "first_product_ids": {LABEL: [...]}}
+// where first_product_ids holds the `product_ids` output for the first query (signatures that
+// have one), to check that the C++ runtime gives the same results as Python.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tensorflow/c/c_api.h"
+#include "tensorflow/cc/saved_model/loader.h"
+#include "tensorflow/core/public/session.h"
+
+namespace {
+
+struct Signature {
+  std::string label;
+  tensorflow::SavedModelBundle* bundle;
+  std::string input;                  // the `query` input's tensor name
+  std::vector<std::string> fetches;   // every output's tensor name
+  int product_ids = -1;               // index in fetches of the `product_ids` output, or -1
+};
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::cerr << "serve_latency: " << message << "\n";
+  std::exit(1);
+}
+
+std::string JsonString(const std::string& s) {
+  std::ostringstream out;
+  out << '"';
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out << '\\' << c;
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out << buf;
+    } else {
+      out << c;
+    }
+  }
+  out << '"';
+  return out.str();
+}
+
+std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text) {
+  tensorflow::Tensor query(tensorflow::DT_STRING, tensorflow::TensorShape({1}));
+  query.flat<tensorflow::tstring>()(0) = text;
+  std::vector<tensorflow::Tensor> outputs;
+  auto status = s.bundle->session->Run({{s.input, query}}, s.fetches, {}, &outputs);
+  if (!status.ok()) Fail(s.label + ": " + status.ToString());
+  return outputs;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    Fail("usage: serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... LABEL=DIR:SIGNATURE ...");
+  }
+  std::ifstream file(argv[1]);
+  if (!file) Fail(std::string("cannot read ") + argv[1]);
+  std::vector<std::string> texts;
+  for (std::string line; std::getline(file, line);) texts.push_back(line);
+  if (texts.empty()) Fail(std::string(argv[1]) + " holds no query");
+  const int warmup = std::atoi(argv[2]);
+  const size_t block = std::max(1, std::atoi(argv[3]));
+
+  std::vector<std::unique_ptr<tensorflow::SavedModelBundle>> bundles;
+  std::map<std::string, tensorflow::SavedModelBundle*> loaded;  // one bundle per directory
+  std::vector<Signature> signatures;
+  for (int a = 4; a < argc; ++a) {
+    const std::string arg = argv[a];
+    if (arg == "--load-library") {
+      if (++a == argc) Fail("--load-library needs a path");
+      TF_Status* status = TF_NewStatus();
+      TF_LoadLibrary(argv[a], status);
+      if (TF_GetCode(status) != TF_OK) Fail(std::string("--load-library ") + argv[a] + ": " + TF_Message(status));
+      TF_DeleteStatus(status);
+      continue;
+    }
+    const auto eq = arg.find('='), colon = arg.rfind(':');
+    if (eq == std::string::npos || colon == std::string::npos || colon < eq) Fail("not LABEL=DIR:SIGNATURE: " + arg);
+    const std::string label = arg.substr(0, eq), dir = arg.substr(eq + 1, colon - eq - 1), name = arg.substr(colon + 1);
+    if (!loaded.count(dir)) {
+      auto bundle = std::make_unique<tensorflow::SavedModelBundle>();
+      auto status = tensorflow::LoadSavedModel(tensorflow::SessionOptions(), tensorflow::RunOptions(), dir,
+                                               {"serve"}, bundle.get());
+      if (!status.ok()) Fail(dir + ": " + status.ToString());
+      loaded[dir] = bundle.get();
+      bundles.push_back(std::move(bundle));
+    }
+    const auto& defs = loaded[dir]->meta_graph_def.signature_def();
+    const auto def = defs.find(name);
+    if (def == defs.end()) Fail(dir + " has no signature " + name);
+    const auto input = def->second.inputs().find("query");
+    if (input == def->second.inputs().end()) Fail(dir + ":" + name + " has no input `query`");
+    Signature s{label, loaded[dir], input->second.name(), {}};
+    for (const auto& [key, info] : def->second.outputs()) {
+      if (key == "product_ids") s.product_ids = static_cast<int>(s.fetches.size());
+      s.fetches.push_back(info.name());
+    }
+    signatures.push_back(s);
+  }
+  if (signatures.empty()) Fail("no signature to time");
+
+  for (int i = 0; i < warmup; ++i) {
+    for (const auto& s : signatures) Run(s, texts[i % texts.size()]);
+  }
+  std::vector<std::vector<double>> ms(signatures.size());
+  for (size_t b = 0, first = 0; first < texts.size(); ++b, first += block) {
+    for (size_t j = 0; j < signatures.size(); ++j) {
+      const size_t n = (j + b) % signatures.size();
+      for (size_t i = first; i < std::min(texts.size(), first + block); ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        Run(signatures[n], texts[i]);
+        ms[n].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+  }
+
+  std::cout << "{\"times_ms\": {";
+  for (size_t n = 0; n < signatures.size(); ++n) {
+    std::cout << (n ? ", " : "") << JsonString(signatures[n].label) << ": [";
+    for (size_t i = 0; i < ms[n].size(); ++i) std::cout << (i ? ", " : "") << ms[n][i];
+    std::cout << "]";
+  }
+  std::cout << "}, \"first_product_ids\": {";
+  bool any = false;
+  for (const auto& s : signatures) {
+    if (s.product_ids < 0) continue;
+    const auto outputs = Run(s, texts[0]);  // holds the tensor `ids` points into
+    const auto ids = outputs[s.product_ids].flat<tensorflow::tstring>();
+    std::cout << (any ? ", " : "") << JsonString(s.label) << ": [";
+    for (int i = 0; i < ids.size(); ++i) std::cout << (i ? ", " : "") << JsonString(std::string(ids(i)));
+    std::cout << "]";
+    any = true;
+  }
+  std::cout << "}}\n";
+  return 0;
+}
