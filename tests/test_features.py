@@ -223,6 +223,20 @@ def test_hasher_ids_of_a_row_do_not_depend_on_its_batch():
     assert _hash(_text(MIXED[::-1])).to_list() == batch[::-1]
 
 
+def test_hasher_conds_stay_functional_if_ops_in_the_graph():
+    """The conds guard rare branches; lowered to Switch/Merge they would cost every query (normalize._cond)."""
+    graph = _hash.get_concrete_function().graph
+    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert len(ifs) == 4  # fold non-ASCII rows, put wide rows, keep the first words, hash other trigrams
+    assert all(op.get_attr("_lower_using_switch_merge") is False for op in ifs)
+    # The fold branch holds normalize's own cond, kept functional too.
+    library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    fold = library[ifs[0].get_attr("then_branch").name]
+    inner = [node for node in fold.node_def if node.op in ("If", "StatelessIf")]
+    assert inner and all(node.attr["_lower_using_switch_merge"].b is False and "_lower_using_switch_merge" in node.attr
+                         for node in inner)
+
+
 @pytest.mark.parametrize("max_words, max_chars", [(1, None), (3, None), (2, 7), (64, 5), (4, 1)])
 def test_hasher_ids_are_the_hashed_tokens_with_limits(max_words, max_chars):
     text = _text(MIXED)

@@ -43,6 +43,7 @@ from tf_q2e.normalize import (  # fold_table and normalize stay importable from 
     _PAGE,
     _SPACE,
     _batch,
+    _cond,
     _folded_code_points,
     _string_tensor,
     fold_table,
@@ -251,7 +252,7 @@ def _code_point_grid(window: tf.Tensor, after: tf.Tensor, beyond: tf.Tensor) -> 
                 tf.gather(non_ascii, wide), next_is_word)
 
     # [B]: ASCII rows as they are, the others folded; [O, None]; [O, 1]; [B]
-    text, wide_folded, wide, next_is_word = tf.cond(
+    text, wide_folded, wide, next_is_word = _cond(
         tf.size(non_ascii) + tf.size(wide_after) > 0, fold_non_ascii_rows,
         lambda: (window, tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int32), tf.zeros([1], tf.int64), validate=False),
                  tf.zeros([0, 1], tf.int64), ascii_next_is_word))
@@ -277,7 +278,7 @@ def _code_point_grid(window: tf.Tensor, after: tf.Tensor, beyond: tf.Tensor) -> 
                 tf.tensor_scatter_nd_update(n_bytes, wide, tf.cast(wide_folded.row_lengths(), tf.int32)),
                 tf.constant(True))
 
-    grid = tf.cond(tf.size(wide) > 0, put_wide_rows, lambda: (symbol, offset, source, n_bytes, tf.constant(False)))
+    grid = _cond(tf.size(wide) > 0, put_wide_rows, lambda: (symbol, offset, source, n_bytes, tf.constant(False)))
     return (*grid, next_is_word)
 
 
@@ -361,7 +362,7 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
         width = tf.reduce_max(tf.concat([kept_last[:, 1], [-1]], 0)) + 4
         return (keep[:, :width - 1], symbol[:, :width], offset[:, :width], tf.boolean_mask(first, kept), kept_last)
 
-    keep, symbol, offset, first, last = tf.cond(  # keep: [B, C-1]; first, last: [W, 2] of the kept words
+    keep, symbol, offset, first, last = _cond(  # keep: [B, C-1]; first, last: [W, 2] of the kept words
         tf.reduce_any(limit < n_words), keep_first_words, lambda: (is_word[:, 1:], symbol, offset, first, last))
     groups = []  # (ids int64 [K], rows int64 [K]) of each kind of token, row-major
     if trigrams:
@@ -376,7 +377,7 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
             hashed = tf.cast(tf.strings.to_hash_bucket_fast(TRIGRAM_PREFIX + strings, buckets), tf.int32)
             return tf.tensor_scatter_nd_update(ids, where, hashed)
 
-        ids = tf.cond(has_other, hash_other_trigrams, lambda: ids)
+        ids = _cond(has_other, hash_other_trigrams, lambda: ids)
         at = tf.where(middle)  # [T, 2]
         groups.append((tf.cast(tf.gather_nd(ids, at), tf.int64), at[:, 0]))
     if unigrams or bigrams:
