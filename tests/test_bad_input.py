@@ -374,6 +374,8 @@ CONFIG_CASES = [
             ("train.learning_rate (inf) must be a positive number",)),
     CliCase("--set index.anisotropic_quantization_threshold=.nan", _overrides("index.anisotropic_quantization_threshold=.nan"),
             2, ("index.anisotropic_quantization_threshold (nan) must be a number in [0, 1)",)),
+    CliCase("--set index.partition_avq=0.5", _overrides("index.partition_avq=0.5"), 2,
+            ("index.partition_avq (0.5) must be 0 (off) or a number of at least 1",)),
     CliCase("--set model.modality_dropout.image=.nan", _overrides("model.modality_dropout.image=.nan"), 2,
             ("model.modality_dropout.image (nan) must be in [0, 1)",)),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -194,6 +195,23 @@ def test_a_second_export_adds_version_2_and_keeps_version_1(run, exported, tmp_p
     assert os.path.getmtime(os.path.join(base, "q2e", "1", "saved_model.pb")) == before
     stock = tf.saved_model.load(os.path.join(base, "q2e", "2"))
     assert stock.signatures["retrieval_exact"](**_query_inputs(["lamp"]))["scores"].shape == (1, 5)
+
+
+def test_the_tree_assigns_leaves_with_the_configured_avq():
+    """index.partition_avq reaches ScaNN's partitioning config for trees (and nothing else uses it)."""
+    from scann.proto import scann_pb2
+
+    from tf_q2e.index import build_searcher
+
+    vectors = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tree = ScannOptions.for_catalog(load_config(None, ["index.kind=tree_ah", "index.num_leaves=20"]).index, 3000, 10)
+    assert tree.partition_avq == 2.0
+    assert ScannOptions.for_catalog(load_config(None, ["index.kind=ah"]).index, 3000, 10).partition_avq == 0.0
+    for options, avq in ((tree, 2.0), (dataclasses.replace(tree, partition_avq=0.0), None)):
+        state = build_searcher(vectors, options, 10).serialize_to_module()
+        partitioning = scann_pb2.ScannConfig.FromString(state.scann_config.numpy()[0]).partitioning
+        assert (partitioning.avq if partitioning.HasField("avq") else None) == avq
 
 
 def test_short_scann_results_are_filled_not_nan(run, tmp_path):

@@ -78,6 +78,7 @@ class ScannOptions:
     dimensions_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
     reorder: int = 0
+    partition_avq: float = 0.0  # tree only; 0 = plain k-means leaves
 
     @classmethod
     def for_catalog(cls, cfg: IndexConfig, n: int, k: int) -> "ScannOptions":
@@ -96,7 +97,8 @@ class ScannOptions:
             leaves = min(cfg.num_leaves or max(2, round(math.sqrt(n))), n)
             searched = min(leaves, cfg.leaves_to_search or max(1, math.ceil(leaves / 10)))
             sample = max(sample, leaves)
-        return cls(kind, leaves, searched, sample, cfg.dimensions_per_block, cfg.anisotropic_quantization_threshold, reorder)
+        return cls(kind, leaves, searched, sample, cfg.dimensions_per_block, cfg.anisotropic_quantization_threshold, reorder,
+                   cfg.partition_avq if kind == "tree_ah" else 0.0)
 
     def search(self, leaves_to_search: int, reorder: int) -> "ScannOptions":
         return dataclasses.replace(self, leaves_to_search=leaves_to_search, reorder=reorder)
@@ -111,7 +113,8 @@ def build_searcher(vectors: np.ndarray, options: ScannOptions, k: int):
         builder = builder.score_brute_force()
     else:
         if options.kind == "tree_ah":
-            builder = builder.tree(options.num_leaves, options.leaves_to_search, training_sample_size=options.training_sample_size)
+            builder = builder.tree(options.num_leaves, options.leaves_to_search, training_sample_size=options.training_sample_size,
+                                   avq=options.partition_avq or None)
         builder = builder.score_ah(
             options.dimensions_per_block,
             anisotropic_quantization_threshold=options.anisotropic_quantization_threshold,
