@@ -52,9 +52,12 @@ class DenseRetriever:
         _, rows = exact_top_k(self.vectors, self._queries(judged), k)
         return self.product_ids[rows]
 
+    def pair_vectors(self, judged: Judged) -> tuple[np.ndarray, np.ndarray]:
+        """The query and product vector of each judged pair: float32 [R, D] each."""
+        return self._queries(judged)[judged.row_query], self.vectors[self._rows(judged.row_product)]
+
     def score_pairs(self, judged: Judged) -> np.ndarray:
-        rows = self._rows(judged.row_product)
-        return np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[rows])
+        return np.einsum("rd,rd->r", *self.pair_vectors(judged))
 
     def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
         products = rng.integers(0, len(self.vectors), size=len(judged.row_query))
