@@ -72,7 +72,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,13 +90,14 @@ from tf_q2e.index import (  # noqa: E402
 )
 from tf_q2e.train import build_model  # noqa: E402
 
+from cc import serve_latency  # noqa: E402  (benchmarks/cc/serve_latency.py, next to this script)
+
 K = 100
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 20.0
 TARGET_P50_MS = 3.0
 MODEL_NAME = "q2e"
 QUERY_CHUNK = 50  # queries per call when measuring recall through the signatures
-CC_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cc", "serve_latency.cc")
 
 _COLOURS = ("black white grey red blue green navy beige brown silver gold pink olive cream orange yellow purple "
             "teal natural walnut").split()
@@ -308,30 +308,6 @@ def save_echo(work: str) -> str:
     return path
 
 
-def build_cc_timer(work: str) -> tuple[str | None, str]:
-    """Compiles `benchmarks/cc/serve_latency.cc` against the installed TensorFlow: (binary, "") or (None, why not)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')} not found; set CXX or install g++)"
-    lib = tf.sysconfig.get_lib()
-    binary = os.path.join(work, "serve_latency")
-    command = [compiler, "-O2", "-w", *tf.sysconfig.get_compile_flags(), CC_SOURCE, "-o", binary,
-               *tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2", f"-Wl,-rpath,{lib}"]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    if done.returncode:
-        return None, f"{CC_SOURCE} did not compile ({' '.join(command)}): {done.stderr.strip()[-2000:]}"
-    log(f"compiled {os.path.basename(CC_SOURCE)} in {time.perf_counter() - start:.0f} s")
-    return binary, ""
-
-
-def scann_ops_library() -> str:
-    """The path of ScaNN's TensorFlow op library, the one `scann.scann_ops.py.scann_ops` loads."""
-    from scann.scann_ops.py import scann_ops
-
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(scann_ops.__file__))), "cc", "_scann_ops.so")
-
-
 def cc_runtime_latency(work: str, base: str, texts: list[str], reference: dict[str, np.ndarray]) -> dict:
     """The in-process latencies again, in TensorFlow's C++ runtime (`benchmarks/cc/serve_latency.cc`).
 
@@ -339,22 +315,16 @@ def cc_runtime_latency(work: str, base: str, texts: list[str], reference: dict[s
     query string per `Session::Run`, the same texts, warm-up and rotation as in
     Python. `reference` holds the Python calls' product ids for `texts[0]`.
     """
-    binary, why = build_cc_timer(work)
+    start = time.perf_counter()
+    binary, why = serve_latency.build(work)
     if binary is None:
         return {"skipped": why}
-    if any("\n" in t or "\r" in t for t in texts):
-        raise ValueError("a latency query holds a line break; serve_latency reads one query per line")
-    queries = os.path.join(work, "latency_queries.txt")
-    with open(queries, "w", encoding="utf-8") as f:
-        f.write("\n".join(texts) + "\n")
+    log(f"compiled {os.path.basename(serve_latency.SOURCE)} in {time.perf_counter() - start:.0f} s")
     stock, scann_dir = os.path.join(base, MODEL_NAME, "1"), os.path.join(base, MODEL_NAME + "_scann", "1")
-    command = [binary, queries, "5", "25", "--load-library", scann_ops_library(),
-               f"retrieval={scann_dir}:retrieval", f"retrieval_exact={stock}:retrieval_exact",
-               f"query_encoder={stock}:query_encoder", f"call_floor={save_echo(work)}:echo"]
-    done = subprocess.run(command, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace').strip()[-2000:]}")
-    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    out = serve_latency.run(binary, texts, {"retrieval": (scann_dir, "retrieval"),
+                                            "retrieval_exact": (stock, "retrieval_exact"),
+                                            "query_encoder": (stock, "query_encoder"),
+                                            "call_floor": (save_echo(work), "echo")}, work)
     summary = latency_summary(out["times_ms"], "retrieval", "retrieval_exact")
     summary["same_results_as_in_process"] = {  # on texts[0]: 1.0 when the top 100 are the same, in order
         name: float(ids == [b.decode() for b in reference[name]]) for name, ids in out["first_product_ids"].items()}

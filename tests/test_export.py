@@ -214,6 +214,35 @@ def test_the_tree_assigns_leaves_with_the_configured_avq():
         assert (partitioning.avq if partitioning.HasField("avq") else None) == avq
 
 
+def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
+    """As TensorFlow Serving runs them: tensorflow::LoadSavedModel and Session::Run, ScaNN's op library
+    loaded with TF_LoadLibrary (benchmarks/cc/serve_latency.cc), with Python's top k."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cc", "serve_latency.py")
+    spec = importlib.util.spec_from_file_location("serve_latency", path)
+    serve_latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_latency)
+    binary, why = serve_latency.build(str(tmp_path))
+    if binary is None:
+        pytest.skip(why)
+    base, _ = exported
+    stock, scann_dir = os.path.join(base, "q2e", "1"), os.path.join(base, "q2e_scann", "1")
+    out = serve_latency.run(binary, QUERIES, {"retrieval": (scann_dir, "retrieval"),
+                                              "retrieval_exact": (stock, "retrieval_exact")},
+                            str(tmp_path), context={"query_country": "US"}, warmup=1, block=2)
+    assert {name: len(times) for name, times in out["times_ms"].items()} == {"retrieval": 4, "retrieval_exact": 4}
+    import scann  # noqa: F401
+
+    first = _query_inputs(QUERIES[:1])
+    python = {"retrieval": tf.saved_model.load(scann_dir).signatures["retrieval"](**first),
+              "retrieval_exact": tf.saved_model.load(stock).signatures["retrieval_exact"](**first)}
+    for name, outputs in python.items():
+        assert out["first_product_ids"][name] == [p.decode() for p in outputs["product_ids"].numpy()[0]]
+    with pytest.raises(RuntimeError, match="needs the input `query_country`"):
+        serve_latency.run(binary, QUERIES, {"retrieval_exact": (stock, "retrieval_exact")}, str(tmp_path), scann=False)
+
+
 def test_short_scann_results_are_filled_not_nan(run, tmp_path):
     """A tree searched in one small leaf finds fewer than k products: the places get "" and PAD_SCORE."""
     import scann  # noqa: F401

@@ -10,12 +10,14 @@
 // libtensorflow_cc.so.2 and libtensorflow_framework.so.2 of the installed TensorFlow wheel).
 //
 // Usage:
-//   serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... LABEL=SAVED_MODEL_DIR:SIGNATURE ...
+//   serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]...
+//                 LABEL=SAVED_MODEL_DIR:SIGNATURE ...
 //
 // QUERIES_FILE holds one query string per line. Each signature takes the string as its `query`
-// input (shape [1]). The calls take turns in blocks of BLOCK queries, the order of the signatures
-// rotating from block to block (as benchmarks/retrieval.py does in Python), after WARMUP queries
-// sent to every signature. `--load-library` loads a custom-op library (ScaNN's _scann_ops.so)
+// input (shape [1]); its other string inputs (query context such as `query_country`) get the
+// value of `--context NAME=VALUE`, the same in every call. The calls take turns in blocks of
+// BLOCK queries, the order of the signatures rotating from block to block (as
+// benchmarks/retrieval.py does in Python), after WARMUP queries sent to every signature. `--load-library` loads a custom-op library (ScaNN's _scann_ops.so)
 // before the SavedModels that need it, as a TensorFlow Serving build with the ops linked in would.
 //
 // Output (stdout, one line): {"times_ms": {LABEL: [ms, ...]}, "first_product_ids": {LABEL: [...]}}
@@ -43,9 +45,16 @@ struct Signature {
   std::string label;
   tensorflow::SavedModelBundle* bundle;
   std::string input;                  // the `query` input's tensor name
+  std::vector<std::pair<std::string, tensorflow::Tensor>> fixed;  // the context inputs: tensor name, value
   std::vector<std::string> fetches;   // every output's tensor name
   int product_ids = -1;               // index in fetches of the `product_ids` output, or -1
 };
+
+tensorflow::Tensor OneString(const std::string& value) {
+  tensorflow::Tensor t(tensorflow::DT_STRING, tensorflow::TensorShape({1}));
+  t.flat<tensorflow::tstring>()(0) = value;
+  return t;
+}
 
 [[noreturn]] void Fail(const std::string& message) {
   std::cerr << "serve_latency: " << message << "\n";
@@ -71,10 +80,10 @@ std::string JsonString(const std::string& s) {
 }
 
 std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text) {
-  tensorflow::Tensor query(tensorflow::DT_STRING, tensorflow::TensorShape({1}));
-  query.flat<tensorflow::tstring>()(0) = text;
+  std::vector<std::pair<std::string, tensorflow::Tensor>> feeds = s.fixed;
+  feeds.emplace_back(s.input, OneString(text));
   std::vector<tensorflow::Tensor> outputs;
-  auto status = s.bundle->session->Run({{s.input, query}}, s.fetches, {}, &outputs);
+  auto status = s.bundle->session->Run(feeds, s.fetches, {}, &outputs);
   if (!status.ok()) Fail(s.label + ": " + status.ToString());
   return outputs;
 }
@@ -83,7 +92,8 @@ std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text)
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    Fail("usage: serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... LABEL=DIR:SIGNATURE ...");
+    Fail("usage: serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]... "
+         "LABEL=DIR:SIGNATURE ...");
   }
   std::ifstream file(argv[1]);
   if (!file) Fail(std::string("cannot read ") + argv[1]);
@@ -96,6 +106,7 @@ int main(int argc, char** argv) {
   std::vector<std::unique_ptr<tensorflow::SavedModelBundle>> bundles;
   std::map<std::string, tensorflow::SavedModelBundle*> loaded;  // one bundle per directory
   std::vector<Signature> signatures;
+  std::map<std::string, std::string> context;
   for (int a = 4; a < argc; ++a) {
     const std::string arg = argv[a];
     if (arg == "--load-library") {
@@ -104,6 +115,14 @@ int main(int argc, char** argv) {
       TF_LoadLibrary(argv[a], status);
       if (TF_GetCode(status) != TF_OK) Fail(std::string("--load-library ") + argv[a] + ": " + TF_Message(status));
       TF_DeleteStatus(status);
+      continue;
+    }
+    if (arg == "--context") {
+      if (++a == argc) Fail("--context needs NAME=VALUE");
+      const std::string pair = argv[a];
+      const auto at = pair.find('=');
+      if (at == std::string::npos) Fail("--context " + pair + ": not NAME=VALUE");
+      context[pair.substr(0, at)] = pair.substr(at + 1);
       continue;
     }
     const auto eq = arg.find('='), colon = arg.rfind(':');
@@ -122,7 +141,13 @@ int main(int argc, char** argv) {
     if (def == defs.end()) Fail(dir + " has no signature " + name);
     const auto input = def->second.inputs().find("query");
     if (input == def->second.inputs().end()) Fail(dir + ":" + name + " has no input `query`");
-    Signature s{label, loaded[dir], input->second.name(), {}};
+    Signature s{label, loaded[dir], input->second.name(), {}, {}};
+    for (const auto& [key, info] : def->second.inputs()) {
+      if (key == "query") continue;
+      const auto value = context.find(key);
+      if (value == context.end()) Fail(dir + ":" + name + " needs the input `" + key + "`: pass --context " + key + "=VALUE");
+      s.fixed.emplace_back(info.name(), OneString(value->second));
+    }
     for (const auto& [key, info] : def->second.outputs()) {
       if (key == "product_ids") s.product_ids = static_cast<int>(s.fetches.size());
       s.fetches.push_back(info.name());
