@@ -13,8 +13,8 @@ builds a ScaNN searcher over the unit vectors and writes `RUN/index/`:
 
 ScaNN's options (`ScannOptions`) follow the catalogue size unless the config
 sets them: brute force below 20,000 products, asymmetric hashing (AH) with
-exact reordering below 100,000, a partitioning tree (about sqrt(N) leaves) +
-AH + reordering above. Two of them are search-time options — leaves searched
+exact reordering below 100,000, a partitioning tree (about sqrt(N) leaves,
+assigned anisotropically: `partition_avq`) + AH + reordering above. Two of them are search-time options — leaves searched
 and reorder candidates — so `tune()` sweeps them over one built searcher,
 measures recall@k against exact search and the latency of one query, and picks
 the fastest setting that meets a target recall.
