@@ -26,9 +26,31 @@ If neither beats the cosine on test by much, what the vectors hold about
 engagement beyond similarity does not carry over to new queries, whatever
 linear head is put on them.
 
+It then asks what signal the vectors miss, with one lexical feature that is
+not a two-tower score: a pair's *query-term coverage*, the share of the
+query's distinct BM25 terms (`tf_q2e.bm25`: lower-cased, stop words out,
+Snowball-stemmed) found in the product's BM25 text. It prints the pooled AUC
+of the coverage alone and of `cos + alpha * coverage`, alpha chosen on
+validation (0 to 1 in steps of 0.025), reported on test. A gain there is
+engagement signal that the towers could learn from the text but do not
+(hard negatives often miss one of the query's words, a colour or a size,
+which moves a pooled n-gram vector little).
+
+Last, it asks which weight the *contrastive* task alone would give that
+feature, were it a channel of both towers' vectors (q' = [q, sqrt(alpha) *
+terms(q) / |terms(q)|], p' = [p, sqrt(alpha) * terms(p)] give q'.p' = cos +
+alpha * coverage): the in-batch softmax loss of s * (cos + alpha * coverage)
+over the training and validation splits' impressed rows in random batches of
+512, accidental hits masked, for each alpha, and the alpha with the lowest
+loss. If that alpha already gives most of the AUC gain, a contrastive-only
+model with such a channel would take most of it too, and the engagement task
+would be left little to add.
+
 The run's query and product vectors come from `tf_q2e.retrievers.
 dense_retriever_for_run` (the run's index when it covers the catalogue, else
 the catalogue is embedded first, about a minute for Home Depot).
+
+About 35 s a Home Depot run on 2 cores.
 
 Usage:
   .venv/bin/python benchmarks/engagement_probe.py --run RUN [--data DIR] [--l2 0.1 0.01 0.001 0.0001] [--epochs 30]
@@ -47,8 +69,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tf_q2e  # noqa: E402,F401  (Keras 2 before TensorFlow)
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tf_q2e.bm25 import BM25Index, product_texts, read_catalog  # noqa: E402
+from tf_q2e.data import schema as S  # noqa: E402
 from tf_q2e.judged import load_judged, split_path  # noqa: E402
 from tf_q2e.metrics import roc_auc  # noqa: E402
 from tf_q2e.retrievers import dense_retriever_for_run  # noqa: E402
@@ -59,18 +84,106 @@ SPLITS = ("train", "validation", "test")
 class Pairs:
     """The labelled pairs of one split: query vectors, product vectors, labels, and each row's query index."""
 
-    def __init__(self, q: np.ndarray, p: np.ndarray, y: np.ndarray, query: np.ndarray):
+    def __init__(self, q: np.ndarray, p: np.ndarray, y: np.ndarray, query: np.ndarray, texts: np.ndarray,
+                 products: np.ndarray):
         self.q, self.p, self.y, self.query = q, p, y, query
+        self.texts, self.products = texts, products  # each row's query text and product id
 
     def subset(self, keep: np.ndarray) -> "Pairs":
-        return Pairs(self.q[keep], self.p[keep], self.y[keep], self.query[keep])
+        return Pairs(self.q[keep], self.p[keep], self.y[keep], self.query[keep], self.texts[keep], self.products[keep])
 
 
 def labelled_pairs(retriever, data_dir: str, split: str, model) -> Pairs:
     judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
     q, p = retriever.pair_vectors(judged)
     keep = judged.engaged >= 0
-    return Pairs(q[keep], p[keep], judged.engaged[keep].astype(np.float32), judged.row_query[keep])
+    texts = np.asarray(judged.queries, dtype=object)[judged.row_query]
+    return Pairs(q[keep], p[keep], judged.engaged[keep].astype(np.float32), judged.row_query[keep], texts[keep],
+                 judged.row_product[keep])
+
+
+class Terms:
+    """BM25 terms (`tf_q2e.bm25`'s analyser) of a catalogue's products and of queries, as id arrays."""
+
+    def __init__(self, data_dir: str):
+        catalog = read_catalog(data_dir)
+        texts = dict(zip(catalog.column(S.PRODUCT_ID).cast(pa.string()).to_pylist(), product_texts(catalog)))
+        self._bm25 = BM25Index(list(texts), list(texts.values()))
+        self._ids: dict[str, int] = {}
+        self.products = dict(zip(texts, self.of(list(texts.values()))))
+
+    def of(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's distinct term ids."""
+        return [np.array(sorted({self._ids.setdefault(t, len(self._ids)) for t in terms}), np.int64)
+                for terms in self._bm25.analyze(texts)]
+
+    def coverage(self, queries: list[np.ndarray], products: list) -> np.ndarray:
+        """[len(queries), len(products)]: the share of each query's terms in each product's text (0: no terms)."""
+        local = {t: i for i, t in enumerate(np.unique(np.concatenate([*queries, np.zeros(0, np.int64)])))}
+        q = np.zeros((len(queries), len(local)), np.float32)
+        for i, terms in enumerate(queries):
+            q[i, [local[t] for t in terms]] = 1.0 / max(1, len(terms))
+        p = np.zeros((len(products), len(local)), np.float32)
+        for j, pid in enumerate(products):
+            p[j, [local[t] for t in self.products[pid] if t in local]] = 1.0
+        return q @ p.T
+
+    def pair_coverage(self, pairs: Pairs) -> np.ndarray:
+        """Each labelled pair's query-term coverage."""
+        queries = self.of(list(pairs.texts))
+        return np.concatenate([np.diag(self.coverage(queries[i:i + 512], pairs.products[i:i + 512]))
+                               for i in range(0, len(queries), 512)])
+
+
+def pair_cosines(pairs: Pairs) -> np.ndarray:
+    return np.einsum("rd,rd->r", pairs.q, pairs.p)
+
+
+COVERAGE_WEIGHTS = np.round(np.arange(0.0, 1.0001, 0.025), 3)
+
+
+def print_coverage(terms: Terms, validation: Pairs, test: Pairs) -> None:
+    """Pooled AUC of the coverage, alone and added to the cosine (the module docstring)."""
+    cov = {"validation": terms.pair_coverage(validation), "test": terms.pair_coverage(test)}
+    cos = {"validation": pair_cosines(validation), "test": pair_cosines(test)}
+    y = {"validation": validation.y, "test": test.y}
+    chosen = max(COVERAGE_WEIGHTS, key=lambda a: roc_auc(cos["validation"] + a * cov["validation"], y["validation"]))
+    print("\nquery-term coverage (not a two-tower score): pooled AUC")
+    print(f"  {'score':<28} {'validation':>12} {'test':>8}")
+    for name, a, c in (("cosine", 0.0, 0.0), ("coverage alone", None, 1.0), (f"cosine + {chosen:g} * coverage", chosen, 1.0)):
+        aucs = [roc_auc(cov[s] if a is None else cos[s] + a * c * cov[s], y[s]) for s in ("validation", "test")]
+        print(f"  {name:<28} {aucs[0]:>12.4f} {aucs[1]:>8.4f}")
+    gain = roc_auc(cos["test"] + chosen * cov["test"], y["test"]) - roc_auc(cos["test"], y["test"])
+    print(f"  cosine + coverage: {gain:+.4f} test AUC over the cosine (alpha {chosen:g}, chosen on validation)")
+    for a in (0.1, 0.2):
+        print(f"  cosine + {a:g} * coverage: test AUC {roc_auc(cos['test'] + a * cov['test'], y['test']):.4f}")
+
+
+def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model, scale: float,
+                       batch_size: int = 512) -> None:
+    """The coverage weight alpha that the contrastive task would choose: the in-batch softmax loss of
+    scale * (cos + alpha * coverage) over `split`'s impressed rows (all of them, labelled or not) in
+    random batches, accidental hits masked as in training, for each alpha of COVERAGE_WEIGHTS."""
+    judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
+    q, p = retriever.pair_vectors(judged)
+    query_terms = terms.of(list(judged.queries))
+    order = np.random.default_rng(0).permutation(len(judged.row_query))
+    losses = np.zeros(len(COVERAGE_WEIGHTS))
+    batches = range(0, len(order) - batch_size + 1, batch_size)
+    for start in batches:
+        rows = order[start:start + batch_size]
+        products = judged.row_product[rows]
+        cos = q[rows] @ p[rows].T
+        cov = terms.coverage([query_terms[i] for i in judged.row_query[rows]], products)
+        hit = (products[:, None] == products[None, :]) & ~np.eye(len(rows), dtype=bool)
+        for k, a in enumerate(COVERAGE_WEIGHTS):
+            z = np.where(hit, -1e9, scale * (cos + a * cov))
+            top = z.max(axis=1)
+            losses[k] += np.mean(np.log(np.exp(z - top[:, None]).sum(axis=1)) + top - np.diag(z))
+    losses /= max(1, len(batches))
+    best = int(np.argmin(losses))
+    print(f"  contrastive loss of {scale:g} * (cos + alpha * coverage), {split} split, {len(batches)} batches of "
+          f"{batch_size}: {losses[0]:.4f} at alpha 0, lowest {losses[best]:.4f} at alpha {COVERAGE_WEIGHTS[best]:g}")
 
 
 def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> np.ndarray:
@@ -154,6 +267,10 @@ def main(argv=None) -> int:
     cosine = {"fit": head_auc(half_a, None), "choose": head_auc(half_b, None), "test": head_auc(test, None)}
     print_table("head fitted on half the validation queries, chosen on the other half", rows, cosine,
                 ("val half A", "val half B"))
+    terms = Terms(data_dir)
+    print_coverage(terms, validation, test)
+    for split in ("train", "validation"):
+        contrastive_weight(terms, retriever, data_dir, split, model, model.config.model.scale)
     return 0
 
 
