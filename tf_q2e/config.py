@@ -119,6 +119,11 @@ class ModelConfig:
         the dense layers: on small logs the BCE otherwise learns the training
         pairs' labels by heart in the tables (Home Depot: train AUC 0.97,
         validation AUC falling after the first epoch).
+      term_dim: K, the size of the term channel (`tf_q2e.terms`) appended to
+        both towers' vectors; 0 (default) = no channel, unit vectors. With
+        it the towers' dot product is cos(q, p) + α·(query-term coverage),
+        and the vectors have embedding_dim + term_dim entries.
+      term_weight: α, the term channel's weight in that dot product.
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -141,6 +146,8 @@ class ModelConfig:
     engagement_weight: float = 1.0
     engagement_bias: Literal["none", "learned"] = "none"
     engagement_trains_tables: bool = True
+    term_dim: int = 0
+    term_weight: float = 0.35
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
     logq_correction: bool = False
@@ -306,6 +313,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"model.engagement_scale ({m.engagement_scale}) must be a positive number, or null for model.scale")
     if not (math.isfinite(m.engagement_weight) and m.engagement_weight >= 0):
         raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be a number, 0 (contrastive only) or more")
+    if m.term_dim < 0:
+        raise ConfigError(f"model.term_dim ({m.term_dim}) must be 0 (no term channel) or more (512 on Home Depot)")
+    if not (math.isfinite(m.term_weight) and m.term_weight > 0):
+        raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
     for name, p in m.modality_dropout.items():
         if name not in MODALITIES:
             close = difflib.get_close_matches(name, MODALITIES, n=1)

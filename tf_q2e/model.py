@@ -7,7 +7,8 @@ updates the metrics that `fit` logs: `loss` (L of the global batch),
 `contrastive_loss`, `engagement_loss`, `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
 `engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
-1,001 even buckets of the cosine).
+1,001 even buckets of the cosine, or of the dot product when the towers carry
+a term channel).
 
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
@@ -117,8 +118,10 @@ class Que2EngageModel(tfrs.Model):
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
         self.recall_at_1.update_state(ctr.hits_at_1)
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
-        cosine = tf.reduce_sum(tf.cast(queries, tf.float32) * tf.cast(products, tf.float32), axis=1)
-        self.engagement_auc.update_state(engaged, tf.clip_by_value((cosine + 1.0) / 2.0, 0.0, 1.0),
+        score = tf.reduce_sum(tf.cast(queries, tf.float32) * tf.cast(products, tf.float32), axis=1)
+        # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]).
+        span = 1.0 + (self.config.model.term_weight if self.config.model.term_dim else 0.0)
+        self.engagement_auc.update_state(engaged, tf.clip_by_value((score + span) / (2.0 * span), 0.0, 1.0),
                                          sample_weight=bce.labelled)
         self.loss_tracker.update_state(global_sum(loss))
         return ctr.loss, bce.loss

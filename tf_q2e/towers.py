@@ -2,7 +2,9 @@
 
 Each tower turns raw features into one vector per modality φ_i `[B, D]`,
 drops whole modalities at random in training (Que2Engage's modality dropout),
-fuses them, and L2-normalises the result:
+fuses them, and L2-normalises the result; with `model.term_dim` > 0 each
+tower appends its term channel (`tf_q2e.terms`: query-term coverage as part
+of the dot product), so its vectors are [unit vector ; √α · t]:
 
     query tower:   query_text (hashed n-gram bag → MLP), query_context (hashed
                    embedding of each `query_*` context column, summed)
@@ -26,9 +28,12 @@ import tensorflow as tf
 from tf_q2e.config import FeaturesConfig, ModelConfig
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher, hash_strings
+from tf_q2e.terms import TermChannel
 
 # Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
 IDS_SUFFIX = "#ids"
+# Key prefix of a tower's term channel vectors computed in the input pipeline (`_Tower.featurize`).
+TERMS_PREFIX = "#terms:"
 
 
 class EmbeddingBag(tf.keras.layers.Layer):
@@ -188,7 +193,7 @@ class ConcatFusion(tf.keras.layers.Layer):
 
 
 class _Tower(tf.keras.layers.Layer):
-    """Modalities → modality dropout → fusion → L2 normalisation (float32)."""
+    """Modalities → modality dropout → fusion → L2 normalisation (float32) [→ term channel appended]."""
 
     def __init__(self, model_cfg: ModelConfig, seed: int | None, jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -199,6 +204,25 @@ class _Tower(tf.keras.layers.Layer):
         self.encoders: dict[str, tf.keras.layers.Layer] = {}
         self.inputs: dict[str, str | list[str]] = {}
         self.dropouts: dict[str, ModalityDropout] = {}
+        self.term_channel: TermChannel | None = None
+        self.term_inputs: tuple[str, ...] = ()  # the text features whose words the channel takes
+
+    def _add_term_channel(self, inputs: tuple[str, ...], pooling: str) -> None:
+        m = self.model_cfg
+        if m.term_dim:
+            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, name="term_channel")
+            self.term_inputs = inputs
+
+    @property
+    def _terms_key(self) -> str:
+        return TERMS_PREFIX + self.name
+
+    def _term_vectors(self, features: dict) -> tf.Tensor:
+        """`[B, K]`: the term channel of the words of the `term_inputs` present, joined with spaces."""
+        if self._terms_key in features:
+            return features[self._terms_key]
+        texts = [features[k] for k in self.term_inputs if k in features]
+        return self.term_channel(texts[0] if len(texts) == 1 else tf.strings.join(texts, separator=" "))
 
     def _add(self, name: str, encoder: tf.keras.layers.Layer, inputs) -> None:
         """Adds a modality that encodes feature `inputs` (a key, or a list of keys)."""
@@ -224,6 +248,8 @@ class _Tower(tf.keras.layers.Layer):
         train step; `call` takes either form and gives the same vectors.
         """
         out = dict(features)
+        if self.term_channel is not None and any(k in out for k in self.term_inputs):
+            out[self._terms_key] = self._term_vectors(out)
         for name in self._text_modalities():
             key = self.inputs[name]
             if key in out:
@@ -246,7 +272,10 @@ class _Tower(tf.keras.layers.Layer):
         return tf.math.l2_normalize(tf.cast(self.fusion(stacked), tf.float32), axis=-1)  # [B, D] float32
 
     def call(self, features: dict, training=None) -> tf.Tensor:
-        return self._head(self.modality_vectors(features, training=training))
+        vectors = self._head(self.modality_vectors(features, training=training))
+        if self.term_channel is None:
+            return vectors
+        return tf.concat([vectors, self._term_vectors(features)], axis=-1)  # [B, D + K]
 
 
 class QueryTower(_Tower):
@@ -274,6 +303,7 @@ class QueryTower(_Tower):
                 c: HashedCategorical(features_cfg.context_buckets, model_cfg.embedding_dim, name=c) for c in self.context_columns
             }
             self._add("query_context", _Sum(list(self.context.values()), name="query_context"), list(self.context_columns))
+        self._add_term_channel((S.QUERY,), "mean")
         self._finish()
 
 
@@ -303,6 +333,7 @@ class ProductTower(_Tower):
         self._add("category", HashedCategorical(features_cfg.category_buckets, d, name="category"), S.PRODUCT_CATEGORY)
         if image_dim:
             self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
+        self._add_term_channel((S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION), "sum")
         self._finish()
 
 

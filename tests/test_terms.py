@@ -1,0 +1,96 @@
+"""The term channel (`tf_q2e.terms`): light stemming, coverage as a dot product, towers, export."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import SMALL
+from tf_q2e.config import ConfigError, load_config
+from tf_q2e.data.synth import generate
+from tf_q2e.export import export_run
+from tf_q2e.index import build_index, exact_top_k, load_index
+from tf_q2e.terms import TermChannel, light_stem
+from tf_q2e.train import load_model, train
+
+
+def test_light_stem_applies_the_s_stemmer_plural_rules():
+    words = ["rugs", "batteries", "boxes", "shoes", "glass", "gas", "ties", "cactus", "series", "as", "s", "sofa"]
+    stems = [w.decode() for w in light_stem(tf.constant(words)).numpy()]
+    assert stems == ["rug", "battery", "boxe", "shoe", "glass", "ga", "tie", "cactus", "sery", "as", "s", "sofa"]
+
+
+def _dot(queries, products, dim=4096, weight=1.0):
+    q = TermChannel(dim, weight, "mean")(tf.constant(queries)).numpy()
+    p = TermChannel(dim, weight, "sum")(tf.constant(products)).numpy()
+    return np.einsum("bk,bk->b", q, p), q, p
+
+
+def test_the_dot_product_of_the_channels_is_the_query_term_coverage():
+    dots, q, p = _dot(["Red Sofas", "red sofa", "grey wool rug", "lamp", "", "desk"],
+                      ["red sofa bed", "blue sofa", "Grey-Wool RUGS 5x8", "sofa", "red sofa", ""])
+    # A word's vector has norm 1 exactly; other words add noise of sd 1/sqrt(K) per pair (K = 4096: 0.016).
+    np.testing.assert_allclose(dots, [1.0, 0.5, 1.0, 0.0, 0.0, 0.0], atol=0.08)
+    assert np.all(q[4] == 0) and np.all(p[5] == 0)  # no words: zeros, not NaN
+    np.testing.assert_allclose(np.linalg.norm(q[3]), 1.0, rtol=1e-6)  # one word, mean pooling: e_w itself
+    np.testing.assert_allclose(np.linalg.norm(p[3]), 1.0, rtol=1e-6)
+
+
+def test_weight_scales_the_dot_product_and_signs_are_fixed():
+    dots, _, _ = _dot(["oak table"], ["oak table"], dim=256, weight=0.25)
+    same, _, _ = _dot(["oak table"], ["oak table"], dim=256, weight=1.0)
+    np.testing.assert_allclose(dots, 0.25 * same, rtol=1e-5)
+    a = TermChannel(64, 1.0, "sum")(tf.constant(["oak table"])).numpy()
+    b = TermChannel(64, 1.0, "sum")(tf.constant(["oak table"])).numpy()
+    np.testing.assert_array_equal(a, b)  # two layers (two processes, an export) give the same vectors
+    assert set(np.unique(TermChannel(64, 1.0, "mean")(tf.constant(["oak"])).numpy())) <= {-0.125, 0.125}
+
+
+def test_bad_channel_settings_are_refused():
+    with pytest.raises(ValueError, match="pooling"):
+        TermChannel(8, 1.0, "max")
+    with pytest.raises(ValueError, match="dim"):
+        TermChannel(0, 1.0, "sum")
+    with pytest.raises(ConfigError, match="model.term_dim"):
+        load_config(None, ["model.term_dim=-1"])
+    with pytest.raises(ConfigError, match="model.term_weight"):
+        load_config(None, ["model.term_weight=0"])
+
+
+def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):
+    data = str(tmp_path / "data")
+    generate(data, products=150, impressions=2000, seed=3, image_dim=0)
+    config = load_config(None, SMALL + ["model.term_dim=32", "model.term_weight=0.5", "train.epochs=1"])
+    run = str(tmp_path / "run")
+    history = train(config, data, run, verbose=0)
+    assert np.isfinite(history["loss"][0])
+    model = load_model(run)
+    dim = config.model.embedding_dim
+    queries = {"query": tf.constant(["red sofa", "oak desk lamps"]), "query_country": tf.constant(["US", "US"])}
+    vectors = model.query_tower(queries).numpy()
+    assert vectors.shape == (2, dim + 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors[:, :dim], axis=1), 1.0, rtol=1e-5)  # the towers' unit part
+    channel = TermChannel(32, 0.5, "mean")(queries["query"]).numpy()
+    np.testing.assert_allclose(vectors[:, dim:], channel, atol=1e-6)
+    # The input pipeline's featurized form (channel computed beside the step) gives the same vectors.
+    np.testing.assert_allclose(model.query_tower(model.featurize(queries)).numpy(), vectors, atol=1e-5)
+    products = {"product_title": tf.constant(["Red Sofa"]), "product_description": tf.constant(["with lamps"]),
+                "product_category": tf.constant(["sofa"])}
+    p = model.product_tower(products).numpy()
+    np.testing.assert_allclose(p[:, dim:], TermChannel(32, 0.5, "sum")(tf.constant(["Red Sofa with lamps"])).numpy(),
+                               atol=1e-6)
+    np.testing.assert_allclose(model.product_tower(model.featurize(products)).numpy(), p, atol=1e-5)
+
+    build_index(run, log=lambda _: None)
+    index = load_index(run)
+    assert index.vectors.shape[1] == dim + 32
+    base = str(tmp_path / "serving")
+    result = export_run(run, base, "q2e", log=lambda _: None)
+    stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))
+    np.testing.assert_allclose(stock.signatures["query_encoder"](**queries)["embedding"].numpy(), vectors, atol=1e-5)
+    exact = stock.signatures["retrieval_exact"](**queries)
+    scores, rows = exact_top_k(index.vectors, vectors, result["k"])
+    assert [[x.decode() for x in row] for row in exact["product_ids"].numpy()] == index.product_ids[rows].tolist()
