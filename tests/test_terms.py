@@ -14,7 +14,7 @@ from tf_q2e.data.synth import generate
 from tf_q2e.export import export_run
 from tf_q2e.index import build_index, exact_top_k, load_index
 from tf_q2e.terms import TermChannel, light_stem
-from tf_q2e.train import load_model, train
+from tf_q2e.train import build_model, load_model, train
 
 
 def test_light_stem_applies_the_s_stemmer_plural_rules():
@@ -30,10 +30,11 @@ def _dot(queries, products, dim=4096, weight=1.0):
 
 
 def test_the_dot_product_of_the_channels_is_the_query_term_coverage():
-    dots, q, p = _dot(["Red Sofas", "red sofa", "grey wool rug", "lamp", "", "desk"],
-                      ["red sofa bed", "blue sofa", "Grey-Wool RUGS 5x8", "sofa", "red sofa", ""])
+    dots, q, p = _dot(["Red Sofas", "red sofa", "grey wool rug", "lamp", "", "desk", "red red", "red"],
+                      ["red sofa bed", "blue sofa", "Grey-Wool RUGS 5x8", "sofa", "red sofa", "", "red sofa", "red, red"])
     # A word's vector has norm 1 exactly; other words add noise of sd 1/sqrt(K) per pair (K = 4096: 0.016).
-    np.testing.assert_allclose(dots, [1.0, 0.5, 1.0, 0.0, 0.0, 0.0], atol=0.08)
+    # A word repeated in the query or the product counts once.
+    np.testing.assert_allclose(dots, [1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0], atol=0.08)
     assert np.all(q[4] == 0) and np.all(p[5] == 0)  # no words: zeros, not NaN
     np.testing.assert_allclose(np.linalg.norm(q[3]), 1.0, rtol=1e-6)  # one word, mean pooling: e_w itself
     np.testing.assert_allclose(np.linalg.norm(p[3]), 1.0, rtol=1e-6)
@@ -58,6 +59,24 @@ def test_bad_channel_settings_are_refused():
         load_config(None, ["model.term_dim=-1"])
     with pytest.raises(ConfigError, match="model.term_weight"):
         load_config(None, ["model.term_weight=0"])
+
+
+def test_the_tasks_see_the_channel_only_with_term_in_training():
+    batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug"]), "query_country": tf.constant(["US"] * 3),
+             "product_id": tf.constant(["a", "b", "c"]), "product_title": tf.constant(["red sofa", "oak lamp", "rug"]),
+             "product_description": tf.constant(["", "", ""]), "product_category": tf.constant(["x", "y", "z"]),
+             "engaged": tf.constant([1, 0, 1])}
+    for in_training in (False, True):
+        config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1", f"model.term_in_training={in_training}"])
+        model = build_model(config, 0, ("query_country",))
+        q, p = model(batch)
+        ctr, bce = model.task_losses(batch)
+        d = None if in_training else config.model.embedding_dim
+        expected = model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"])
+        np.testing.assert_allclose(ctr.numpy(), expected.loss.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(bce.numpy(), model.engagement(q[:, :d], p[:, :d], batch["engaged"]).loss.numpy(),
+                                   rtol=1e-5)
+        assert q.shape[1] == config.model.embedding_dim + 64  # the towers carry the channel either way
 
 
 def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):

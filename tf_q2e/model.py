@@ -7,8 +7,8 @@ updates the metrics that `fit` logs: `loss` (L of the global batch),
 `contrastive_loss`, `engagement_loss`, `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
 `engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
-1,001 even buckets of the cosine, or of the dot product when the towers carry
-a term channel).
+1,001 even buckets of the cosine, or of the dot product when the towers'
+term channel is in training).
 
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
@@ -110,6 +110,9 @@ class Que2EngageModel(tfrs.Model):
     def task_losses(self, features: dict, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
         queries, products = self(features, training=training)
+        m = self.config.model
+        if m.term_dim and not m.term_in_training:  # the tasks see the cosine; the channel is for inference
+            queries, products = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
         log_q = self.product_log_q.lookup(features[S.PRODUCT_ID]) if self.product_log_q is not None else None
         ctr = self.retrieval(queries, products, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
         bce = self.engagement(queries, products, features[S.ENGAGED])
@@ -120,7 +123,7 @@ class Que2EngageModel(tfrs.Model):
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
         score = tf.reduce_sum(tf.cast(queries, tf.float32) * tf.cast(products, tf.float32), axis=1)
         # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]).
-        span = 1.0 + (self.config.model.term_weight if self.config.model.term_dim else 0.0)
+        span = 1.0 + (m.term_weight if m.term_dim and m.term_in_training else 0.0)
         self.engagement_auc.update_state(engaged, tf.clip_by_value((score + span) / (2.0 * span), 0.0, 1.0),
                                          sample_weight=bce.labelled)
         self.loss_tracker.update_state(global_sum(loss))

@@ -16,11 +16,11 @@ product that ScaNN and TF Serving handle like any other:
     e_w       = (±1, ..., ±1) / √K, signs from a hash of w (fixed, not trained)
     query:    t_q = (1 / |words(q)|) Σ_{w ∈ words(q)} e_w        (zeros if none)
     product:  t_p = Σ_{w ∈ words(title + " " + description)} e_w
+              (words(t): the set of the text's distinct stemmed words)
     tower output [unit vector ; √α · t]:  q'·p' = cos(q, p) + α · t_q·t_p
 
 e_w·e_w = 1 and e_w·e_v for w ≠ v is a sum of K random signs / K (mean 0,
-standard deviation 1/√K), so t_q·t_p is the coverage (a repeated product
-word counts twice) plus noise of standard deviation about
+standard deviation 1/√K), so t_q·t_p is the coverage plus noise of standard deviation about
 √(|words(p)| / (|words(q)| K)): 0.08 for a 3-word query and a 10-word title at
 K = 512. The signs are e_w[d] = 1 − 2·((h(w)·a_d + b_d) mod P mod 2), h the
 FarmHash fingerprint of w (`tf.strings.to_hash_bucket_fast`) below the prime
@@ -92,21 +92,23 @@ class TermChannel(tf.keras.layers.Layer):
         a, b = _sign_constants(self.dim)
         self._a, self._b = tf.constant(a), tf.constant(b)
 
-    def word_vectors(self, words: tf.Tensor) -> tf.Tensor:
-        """`[n]` words → `[n, K]` sign vectors e_w (±1/√K)."""
-        h = tf.strings.to_hash_bucket_fast(words, PRIME)  # int64 in [0, P)
-        x = tf.math.floormod(h[:, tf.newaxis] * self._a[tf.newaxis, :] + self._b[tf.newaxis, :], PRIME)
+    def word_vectors(self, hashes: tf.Tensor) -> tf.Tensor:
+        """`[n]` word hashes h(w) → `[n, K]` sign vectors e_w (±1/√K)."""
+        x = tf.math.floormod(hashes[:, tf.newaxis] * self._a[tf.newaxis, :] + self._b[tf.newaxis, :], PRIME)
         return (1.0 - 2.0 * tf.cast(tf.math.floormod(x, 2), tf.float32)) / np.sqrt(self.dim).astype(np.float32)
 
     def call(self, text: tf.Tensor) -> tf.Tensor:
         text = tf.reshape(tf.convert_to_tensor(text, tf.string), [-1])
         words = tf.strings.split(normalize(text))  # ragged [B, None]
-        vectors = self.word_vectors(light_stem(words.flat_values))  # [n, K]
-        pooled = tf.math.unsorted_segment_sum(vectors, words.value_rowids(), tf.shape(text)[0])  # [B, K]
+        hashes = tf.strings.to_hash_bucket_fast(light_stem(words.flat_values), PRIME)  # int64 in [0, P)
+        # Each text's distinct words: one key per (row, word), row * P + h(w) < 2^63 for any batch.
+        keys, _ = tf.unique(words.value_rowids() * PRIME + hashes)
+        rows = keys // PRIME
+        pooled = tf.math.unsorted_segment_sum(self.word_vectors(keys - rows * PRIME), rows, tf.shape(text)[0])
         if self.pooling == "mean":
-            counts = tf.cast(words.row_lengths(), tf.float32)[:, tf.newaxis]
-            pooled = tf.math.divide_no_nan(pooled, counts)
-        return pooled * np.float32(np.sqrt(self.weight))
+            counts = tf.math.unsorted_segment_sum(tf.ones_like(rows, tf.float32), rows, tf.shape(text)[0])
+            pooled = tf.math.divide_no_nan(pooled, counts[:, tf.newaxis])
+        return pooled * np.float32(np.sqrt(self.weight))  # [B, K]
 
     def get_config(self) -> dict:
         return {**super().get_config(), "dim": self.dim, "weight": self.weight, "pooling": self.pooling}
