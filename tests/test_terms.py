@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +116,19 @@ def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):
     exact = stock.signatures["retrieval_exact"](**queries)
     scores, rows = exact_top_k(index.vectors, vectors, result["k"])
     assert [[x.decode() for x in row] for row in exact["product_ids"].numpy()] == index.product_ids[rows].tolist()
+    # Stock TensorFlow alone (no tf_q2e, no ScaNN, no TF_USE_LEGACY_KERAS) serves the channel.
+    script = f"""
+import os, sys, json
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+m = tf.saved_model.load({os.path.join(base, "q2e", "1")!r})
+q = dict(query=tf.constant(["red sofa", "oak desk lamps"]), query_country=tf.constant(["US", "US"]))
+print(json.dumps(m.signatures["query_encoder"](**q)["embedding"].numpy().tolist()))
+print(any(name.startswith("tf_q2e") or name == "scann" for name in sys.modules))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    np.testing.assert_allclose(np.array(json.loads(lines[0])), vectors, atol=1e-5)
+    assert lines[1] == "False"
