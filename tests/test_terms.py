@@ -43,6 +43,12 @@ def test_the_dot_product_of_the_channels_is_the_query_term_coverage():
     np.testing.assert_allclose(np.linalg.norm(p[3]), 1.0, rtol=1e-6)
 
 
+def test_word_hashes_keep_each_texts_distinct_stems():
+    hashes = TermChannel.word_hashes(tf.constant(["red red sofa", "", "Rugs rug RUG", "rug"]))
+    assert hashes.row_lengths().numpy().tolist() == [2, 0, 1, 1]
+    assert hashes[2].numpy().tolist() == hashes[3].numpy().tolist()  # "rugs" and "rug": one stem, one hash
+
+
 def test_weight_scales_the_dot_product_and_signs_are_fixed():
     dots, _, _ = _dot(["oak table"], ["oak table"], dim=256, weight=0.25)
     same, _, _ = _dot(["oak table"], ["oak table"], dim=256, weight=1.0)
@@ -79,7 +85,10 @@ def test_the_tasks_see_the_channel_only_with_term_in_training():
         np.testing.assert_allclose(ctr.numpy(), expected.loss.numpy(), rtol=1e-5)
         np.testing.assert_allclose(bce.numpy(), model.engagement(q[:, :d], p[:, :d], batch["engaged"]).loss.numpy(),
                                    rtol=1e-5)
-        assert q.shape[1] == config.model.embedding_dim + 64  # the towers carry the channel either way
+        assert q.shape[1] == config.model.embedding_dim + 64  # the towers carry the channel at use either way
+        # ... and in training only when the tasks see it (otherwise it is not computed at all).
+        trained = model.query_tower(batch, training=True).shape[1]
+        assert trained == config.model.embedding_dim + (64 if in_training else 0)
 
 
 def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):

@@ -32,7 +32,7 @@ from tf_q2e.terms import TermChannel
 
 # Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
 IDS_SUFFIX = "#ids"
-# Key prefix of a tower's term channel vectors computed in the input pipeline (`_Tower.featurize`).
+# Key prefix of a tower's term channel word hashes computed in the input pipeline (`_Tower.featurize`).
 TERMS_PREFIX = "#terms:"
 
 
@@ -217,12 +217,12 @@ class _Tower(tf.keras.layers.Layer):
     def _terms_key(self) -> str:
         return TERMS_PREFIX + self.name
 
-    def _term_vectors(self, features: dict) -> tf.Tensor:
-        """`[B, K]`: the term channel of the words of the `term_inputs` present, joined with spaces."""
+    def _term_hashes(self, features: dict) -> tf.RaggedTensor:
+        """The distinct word hashes of the `term_inputs` present (joined with spaces), or the pipeline's."""
         if self._terms_key in features:
             return features[self._terms_key]
         texts = [features[k] for k in self.term_inputs if k in features]
-        return self.term_channel(texts[0] if len(texts) == 1 else tf.strings.join(texts, separator=" "))
+        return self.term_channel.word_hashes(texts[0] if len(texts) == 1 else tf.strings.join(texts, separator=" "))
 
     def _add(self, name: str, encoder: tf.keras.layers.Layer, inputs) -> None:
         """Adds a modality that encodes feature `inputs` (a key, or a list of keys)."""
@@ -249,7 +249,7 @@ class _Tower(tf.keras.layers.Layer):
         """
         out = dict(features)
         if self.term_channel is not None and any(k in out for k in self.term_inputs):
-            out[self._terms_key] = self._term_vectors(out)
+            out[self._terms_key] = self._term_hashes(out)
         for name in self._text_modalities():
             key = self.inputs[name]
             if key in out:
@@ -273,9 +273,9 @@ class _Tower(tf.keras.layers.Layer):
 
     def call(self, features: dict, training=None) -> tf.Tensor:
         vectors = self._head(self.modality_vectors(features, training=training))
-        if self.term_channel is None:
-            return vectors
-        return tf.concat([vectors, self._term_vectors(features)], axis=-1)  # [B, D + K]
+        if self.term_channel is None or (training and not self.model_cfg.term_in_training):
+            return vectors  # training without the channel in the tasks: [B, D]
+        return tf.concat([vectors, self.term_channel.pool(self._term_hashes(features))], axis=-1)  # [B, D + K]
 
 
 class QueryTower(_Tower):
