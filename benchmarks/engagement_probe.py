@@ -46,6 +46,9 @@ loss. If that alpha already gives most of the AUC gain, a contrastive-only
 model with such a channel would take most of it too, and the engagement task
 would be left little to add.
 
+For a run with a term channel (`model.term_dim`), "cosine" below is the
+run's whole dot product, the channel's share of coverage included.
+
 The run's query and product vectors come from `tf_q2e.retrievers.
 dense_retriever_for_run` (the run's index when it covers the catalogue, else
 the catalogue is embedded first, about a minute for Home Depot).
