@@ -153,9 +153,11 @@ def print_coverage(terms: Terms, validation: Pairs, test: Pairs) -> None:
     chosen = max(COVERAGE_WEIGHTS, key=lambda a: roc_auc(cos["validation"] + a * cov["validation"], y["validation"]))
     print("\nquery-term coverage (not a two-tower score): pooled AUC")
     print(f"  {'score':<28} {'validation':>12} {'test':>8}")
-    for name, a, c in (("cosine", 0.0, 0.0), ("coverage alone", None, 1.0), (f"cosine + {chosen:g} * coverage", chosen, 1.0)):
-        aucs = [roc_auc(cov[s] if a is None else cos[s] + a * c * cov[s], y[s]) for s in ("validation", "test")]
-        print(f"  {name:<28} {aucs[0]:>12.4f} {aucs[1]:>8.4f}")
+    scores = {"cosine": cos, "coverage alone": cov,
+              f"cosine + {chosen:g} * coverage": {s: cos[s] + chosen * cov[s] for s in cos}}
+    for name, by_split in scores.items():
+        print(f"  {name:<28} {roc_auc(by_split['validation'], y['validation']):>12.4f} "
+              f"{roc_auc(by_split['test'], y['test']):>8.4f}")
     gain = roc_auc(cos["test"] + chosen * cov["test"], y["test"]) - roc_auc(cos["test"], y["test"])
     print(f"  cosine + coverage: {gain:+.4f} test AUC over the cosine (alpha {chosen:g}, chosen on validation)")
     for a in (0.1, 0.2):

@@ -16,17 +16,21 @@ Signatures take raw strings; the towers hash text in the graph, exactly as in
 training:
 
     query_encoder:    query [B] string (+ each query_<context> [B] string)
-                      -> embedding [B, D] float32 (unit vectors)
+                      -> embedding [B, D] float32 (unit vectors; [B, D + K]
+                         with a term channel, `tf_q2e.terms`)
     product_encoder:  product_title, product_description, product_category
                       [B] string (+ product_image_embedding [B, I] float32)
-                      -> embedding [B, D] float32
+                      -> embedding [B, D] float32 (as query_encoder)
     retrieval, retrieval_exact: the query inputs
                       -> product_ids [B, K] string, scores [B, K] float32
-                         (cosine, best first), product_titles [B, K] string
+                         (dot product: the cosine, plus the term channel's
+                         share when there is one; best first),
+                         product_titles [B, K] string
 
 K is fixed per export (`index.k`, at most the catalogue size). Where ScaNN
 finds fewer than K products (it pads with NaN), the places hold product id ""
-and score -2.0 (`tf_q2e.index.PAD_SCORE`, below every cosine): outputs never
+and score -2.0 (`tf_q2e.index.PAD_SCORE`, below every cosine; the empty id
+marks a padded place whatever the scores): outputs never
 contain NaN. `retrieval_exact` scores the whole catalogue in the graph.
 
 Versions are integers, one more than the newest under BASE, the same for both

@@ -2,12 +2,13 @@
 
 `build_index(run_dir)` embeds the catalogue with the run's product tower
 (streamed in batches, so a large catalogue never sits in memory as text),
-builds a ScaNN searcher over the unit vectors and writes `RUN/index/`:
+builds a ScaNN searcher over the vectors (dot product; unit vectors unless
+the towers carry a term channel, `tf_q2e.terms`) and writes `RUN/index/`:
 
     index.json        the ScaNN options, the search-time options, sizes, timings
                       and, after `--tune`, the measured recall/latency table
     products.parquet  product_id, product_title: row i is vector i
-    vectors.npy       float32 [N, D] unit vectors (the exact index)
+    vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel)
     scann/            the ScaNN searcher's state (a SavedModel of ScaNN's own
                       `ScannState`: its ops load only after `import scann`)
 
@@ -51,7 +52,8 @@ from tf_q2e.errors import InputError
 # Catalogue sizes at which the automatic ScaNN options change (see module docstring).
 EXACT_BELOW = 20_000
 TREE_FROM = 100_000
-# The score of a place with no product (ScaNN found fewer than k): below every cosine.
+# The score of a place with no product (ScaNN found fewer than k): below every cosine. Its id ""
+# marks it either way (a term channel's share could, in principle, take a score lower).
 PAD_SCORE = -2.0
 INDEX_DIR = "index"
 SCANN_DIR = "scann"

@@ -279,7 +279,8 @@ class _Tower(tf.keras.layers.Layer):
 
 
 class QueryTower(_Tower):
-    """`{"query": [B] string, "query_<context>": [B] string ...}` → `[B, D]` unit vectors."""
+    """`{"query": [B] string, "query_<context>": [B] string ...}` → `[B, D]` unit vectors
+    (`[B, D + K]` with a term channel: the unit vector, then the channel)."""
 
     def __init__(
         self,
@@ -309,7 +310,7 @@ class QueryTower(_Tower):
 
 class ProductTower(_Tower):
     """Product fields (`product_title`, `product_description`, `product_category`,
-    `product_image_embedding`) → `[B, D]` unit vectors."""
+    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel)."""
 
     def __init__(
         self,
