@@ -26,6 +26,16 @@ If neither beats the cosine on test by much, what the vectors hold about
 engagement beyond similarity does not carry over to new queries, whatever
 linear head is put on them.
 
+A third head ("offset") keeps the cosine and adds a linear *query offset*,
+a * (q^T p + w^T q) + b (w started at 0, penalty `l2 * |w|^2`). The pooled
+AUC ranks pairs across queries, and a query's own share of engaged pairs
+predicts much of it (the script prints that oracle's AUC), while the
+in-batch softmax is blind to an offset of its row's query (every logit of
+the row moves alike): an offset is the one part of the score that only the
+engagement task could learn. A two-tower model can hold it as one more
+coordinate (w^T q for the query, 1 for the product); it changes no query's
+ranking, so each head's per-query AUC is printed beside it.
+
 It then asks what signal the vectors miss, with one lexical feature that is
 not a two-tower score: a pair's *query-term coverage*, the share of the
 query's distinct BM25 terms (`tf_q2e.bm25`: lower-cased, stop words out,
@@ -78,7 +88,7 @@ import tensorflow as tf  # noqa: E402
 from tf_q2e.bm25 import BM25Index, product_texts, read_catalog  # noqa: E402
 from tf_q2e.data import schema as S  # noqa: E402
 from tf_q2e.judged import load_judged, split_path  # noqa: E402
-from tf_q2e.metrics import roc_auc  # noqa: E402
+from tf_q2e.metrics import mean_defined, per_query_auc, roc_auc  # noqa: E402
 from tf_q2e.retrievers import dense_retriever_for_run  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -142,6 +152,17 @@ def pair_cosines(pairs: Pairs) -> np.ndarray:
     return np.einsum("rd,rd->r", pairs.q, pairs.p)
 
 
+def per_query(pairs: Pairs, scores: np.ndarray) -> float:
+    """Engagement AUC averaged over the queries with both classes."""
+    return mean_defined(per_query_auc(scores, pairs.y, pairs.query))
+
+
+def engaged_share(pairs: Pairs) -> np.ndarray:
+    """Each pair's query's share of engaged pairs: an oracle score, constant within a query."""
+    counts = np.bincount(pairs.query)
+    return (np.bincount(pairs.query, weights=pairs.y) / np.maximum(counts, 1))[pairs.query]
+
+
 COVERAGE_WEIGHTS = np.round(np.arange(0.0, 1.0001, 0.025), 3)
 
 
@@ -191,11 +212,15 @@ def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model
           f"{batch_size}: {losses[0]:.4f} at alpha 0, lowest {losses[best]:.4f} at alpha {COVERAGE_WEIGHTS[best]:g}")
 
 
+HEADS = ("diag", "full", "offset")
+
+
 def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> np.ndarray:
-    """W (diagonal [D] or full [D, D]) of the head a * q^T W p + b fitted by BCE on `pairs`."""
+    """The head fitted by BCE on `pairs`: W (diagonal [D] or full [D, D]) of a * q^T W p + b, or
+    (kind "offset") w [D] of a * (q^T p + w^T q) + b."""
     tf.keras.utils.set_random_seed(seed)
     dim = pairs.q.shape[1]
-    identity = tf.eye(dim) if kind == "full" else tf.ones([dim])
+    identity = {"full": tf.eye(dim), "diag": tf.ones([dim]), "offset": tf.zeros([dim])}[kind]
     w = tf.Variable(identity)
     a, b = tf.Variable(5.0), tf.Variable(0.0)  # 5: about the BCE scale the package's tasks use
     q, p, y = tf.constant(pairs.q), tf.constant(pairs.p), tf.constant(pairs.y)
@@ -204,8 +229,11 @@ def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> 
     @tf.function
     def step(rows):
         with tf.GradientTape() as tape:
-            qw = tf.gather(q, rows) @ w if kind == "full" else tf.gather(q, rows) * w
-            logits = a * tf.reduce_sum(qw * tf.gather(p, rows), 1) + b
+            qr, pr = tf.gather(q, rows), tf.gather(p, rows)
+            if kind == "offset":
+                logits = a * (tf.reduce_sum(qr * pr, 1) + tf.linalg.matvec(qr, w)) + b
+            else:
+                logits = a * tf.reduce_sum((qr @ w if kind == "full" else qr * w) * pr, 1) + b
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.gather(y, rows), logits))
             loss += l2 * tf.reduce_sum(tf.square(w - identity))
         optimizer.apply_gradients(zip(tape.gradient(loss, [w, a, b]), [w, a, b]))
@@ -218,18 +246,24 @@ def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> 
     return w.numpy()
 
 
-def head_auc(pairs: Pairs, w: np.ndarray | None) -> float:
+def head_scores(pairs: Pairs, w: np.ndarray | None, kind: str = "diag") -> np.ndarray:
+    if kind == "offset":
+        return pair_cosines(pairs) + pairs.q @ w
     q = pairs.q if w is None else (pairs.q @ w if w.ndim == 2 else pairs.q * w)
-    return float(roc_auc(np.einsum("rd,rd->r", q, pairs.p), pairs.y))
+    return np.einsum("rd,rd->r", q, pairs.p)
+
+
+def head_auc(pairs: Pairs, w: np.ndarray | None, kind: str = "diag") -> float:
+    return float(roc_auc(head_scores(pairs, w, kind), pairs.y))
 
 
 def probe(fit: Pairs, choose: Pairs, test: Pairs, l2s: list[float], epochs: int) -> list[dict]:
     rows = []
-    for kind in ("diag", "full"):
+    for kind in HEADS:
         for l2 in l2s:
             w = fit_head(fit, kind, l2, epochs)
-            rows.append({"kind": kind, "l2": l2, "fit": head_auc(fit, w), "choose": head_auc(choose, w),
-                         "test": head_auc(test, w)})
+            rows.append({"kind": kind, "l2": l2, "fit": head_auc(fit, w, kind), "choose": head_auc(choose, w, kind),
+                         "test": head_auc(test, w, kind), "per_query": per_query(test, head_scores(test, w, kind))})
     return rows
 
 
@@ -237,13 +271,14 @@ def print_table(title: str, rows: list[dict], cosine: dict[str, float], names: t
     print(f"\n{title}")
     print(f"  {'head':<6} {'l2':>8} {names[0]:>12} {names[1]:>12} {'test':>8}")
     print(f"  {'cosine':<6} {'-':>8} {cosine['fit']:>12.4f} {cosine['choose']:>12.4f} {cosine['test']:>8.4f}")
-    for kind in ("diag", "full"):
+    for kind in HEADS:
         best = max((r for r in rows if r["kind"] == kind), key=lambda r: r["choose"])
         for r in rows:
             if r["kind"] == kind:
                 mark = "   <- chosen on " + names[1] if r is best else ""
                 print(f"  {kind:<6} {r['l2']:>8g} {r['fit']:>12.4f} {r['choose']:>12.4f} {r['test']:>8.4f}{mark}")
-        print(f"  {kind}: test AUC {best['test']:.4f}, {best['test'] - cosine['test']:+.4f} over the cosine")
+        print(f"  {kind}: test AUC {best['test']:.4f}, {best['test'] - cosine['test']:+.4f} over the cosine "
+              f"(per query {best['per_query']:.4f})")
 
 
 def main(argv=None) -> int:
@@ -260,6 +295,9 @@ def main(argv=None) -> int:
     print(f"run {args.run}, data {data_dir}; labelled pairs (engaged vs hard negative): "
           + ", ".join(f"{s} {len(p.y):,}" for s, p in pairs.items()))
     print("cosine AUC (pooled): " + ", ".join(f"{s} {head_auc(p, None):.4f}" for s, p in pairs.items()))
+    print("cosine AUC (per query): " + ", ".join(f"{s} {per_query(p, pair_cosines(p)):.4f}" for s, p in pairs.items()))
+    print("pooled AUC of each query's own engaged share (an oracle constant within a query): "
+          + ", ".join(f"{s} {roc_auc(engaged_share(p), p.y):.4f}" for s, p in pairs.items()))
 
     train, validation, test = (pairs[s] for s in SPLITS)
     rows = probe(train, validation, test, args.l2, args.epochs)
