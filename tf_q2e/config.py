@@ -238,8 +238,13 @@ class IndexConfig:
       training_sample_size: vectors that train the tree and the AH codebooks;
         null = min(N, 100,000).
       dimensions_per_block: AH: dimensions per 4-bit code (2 is ScaNN's usual).
-      anisotropic_quantization_threshold: AH: the inner product above which
+      anisotropic_quantization_threshold: AH: the inner product T above which
         quantization error counts most (ScaNN's recommended 0.2 for unit vectors).
+        ScaNN weighs error parallel to a vector x by (d - 1) t^2 / (1 - t^2)
+        times the perpendicular error, t = T / |x|: about 5 for 0.2 on unit
+        128-d vectors, and about 5 too on the 640-d vectors of a term channel
+        (`model.term_dim` 512, `configs/homedepot.yaml`: product norms 1.8-2.8);
+        every product vector has |x| >= 1 (its unit part), so T < 1 is safe.
       partition_avq: tree: the anisotropic weight (eta) ScaNN gives the error
         parallel to a vector when it assigns vectors to leaves and trains the
         leaf centres (ScaNN's `tree(avq=...)`); 0 = plain k-means. 2.0 reached
@@ -334,7 +339,7 @@ def _check(cfg: Config) -> None:
     threshold = x.anisotropic_quantization_threshold
     if not (math.isfinite(threshold) and 0.0 <= threshold < 1.0):
         raise ConfigError(f"index.anisotropic_quantization_threshold ({threshold}) must be a number in [0, 1) "
-                          "(an inner product of unit vectors; ScaNN recommends 0.2)")
+                          "(an inner product, below every product vector's norm; ScaNN recommends 0.2)")
     if not (math.isfinite(x.partition_avq) and (x.partition_avq == 0 or x.partition_avq >= 1)):
         raise ConfigError(f"index.partition_avq ({x.partition_avq}) must be 0 (off) or a number of at least 1 "
                           "(1 weighs all error alike; ScaNN's anisotropic partitioning uses more, 2 here)")
