@@ -34,7 +34,9 @@ in-batch softmax is blind to an offset of its row's query (every logit of
 the row moves alike): an offset is the one part of the score that only the
 engagement task could learn. A two-tower model can hold it as one more
 coordinate (w^T q for the query, 1 for the product); it changes no query's
-ranking, so each head's per-query AUC is printed beside it.
+ranking, so each head's per-query AUC is printed beside it. A fourth head
+("p-offset") adds a product offset w^T p instead: a prior of the product,
+which the softmax does see (it moves one product against the others).
 
 It then asks what signal the vectors miss, with one lexical feature that is
 not a two-tower score: a pair's *query-term coverage*, the share of the
@@ -212,15 +214,15 @@ def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model
           f"{batch_size}: {losses[0]:.4f} at alpha 0, lowest {losses[best]:.4f} at alpha {COVERAGE_WEIGHTS[best]:g}")
 
 
-HEADS = ("diag", "full", "offset")
+HEADS = ("diag", "full", "offset", "p-offset")
 
 
 def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> np.ndarray:
     """The head fitted by BCE on `pairs`: W (diagonal [D] or full [D, D]) of a * q^T W p + b, or
-    (kind "offset") w [D] of a * (q^T p + w^T q) + b."""
+    (kind "offset") w [D] of a * (q^T p + w^T q) + b, or (kind "p-offset") of a * (q^T p + w^T p) + b."""
     tf.keras.utils.set_random_seed(seed)
     dim = pairs.q.shape[1]
-    identity = {"full": tf.eye(dim), "diag": tf.ones([dim]), "offset": tf.zeros([dim])}[kind]
+    identity = {"full": tf.eye(dim), "diag": tf.ones([dim]), "offset": tf.zeros([dim]), "p-offset": tf.zeros([dim])}[kind]
     w = tf.Variable(identity)
     a, b = tf.Variable(5.0), tf.Variable(0.0)  # 5: about the BCE scale the package's tasks use
     q, p, y = tf.constant(pairs.q), tf.constant(pairs.p), tf.constant(pairs.y)
@@ -230,8 +232,8 @@ def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> 
     def step(rows):
         with tf.GradientTape() as tape:
             qr, pr = tf.gather(q, rows), tf.gather(p, rows)
-            if kind == "offset":
-                logits = a * (tf.reduce_sum(qr * pr, 1) + tf.linalg.matvec(qr, w)) + b
+            if kind.endswith("offset"):
+                logits = a * (tf.reduce_sum(qr * pr, 1) + tf.linalg.matvec(qr if kind == "offset" else pr, w)) + b
             else:
                 logits = a * tf.reduce_sum((qr @ w if kind == "full" else qr * w) * pr, 1) + b
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.gather(y, rows), logits))
@@ -247,8 +249,8 @@ def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> 
 
 
 def head_scores(pairs: Pairs, w: np.ndarray | None, kind: str = "diag") -> np.ndarray:
-    if kind == "offset":
-        return pair_cosines(pairs) + pairs.q @ w
+    if kind.endswith("offset"):
+        return pair_cosines(pairs) + (pairs.q if kind == "offset" else pairs.p) @ w
     q = pairs.q if w is None else (pairs.q @ w if w.ndim == 2 else pairs.q * w)
     return np.einsum("rd,rd->r", q, pairs.p)
 
@@ -269,14 +271,14 @@ def probe(fit: Pairs, choose: Pairs, test: Pairs, l2s: list[float], epochs: int)
 
 def print_table(title: str, rows: list[dict], cosine: dict[str, float], names: tuple[str, str]) -> None:
     print(f"\n{title}")
-    print(f"  {'head':<6} {'l2':>8} {names[0]:>12} {names[1]:>12} {'test':>8}")
-    print(f"  {'cosine':<6} {'-':>8} {cosine['fit']:>12.4f} {cosine['choose']:>12.4f} {cosine['test']:>8.4f}")
+    print(f"  {'head':<8} {'l2':>8} {names[0]:>12} {names[1]:>12} {'test':>8}")
+    print(f"  {'cosine':<8} {'-':>8} {cosine['fit']:>12.4f} {cosine['choose']:>12.4f} {cosine['test']:>8.4f}")
     for kind in HEADS:
         best = max((r for r in rows if r["kind"] == kind), key=lambda r: r["choose"])
         for r in rows:
             if r["kind"] == kind:
                 mark = "   <- chosen on " + names[1] if r is best else ""
-                print(f"  {kind:<6} {r['l2']:>8g} {r['fit']:>12.4f} {r['choose']:>12.4f} {r['test']:>8.4f}{mark}")
+                print(f"  {kind:<8} {r['l2']:>8g} {r['fit']:>12.4f} {r['choose']:>12.4f} {r['test']:>8.4f}{mark}")
         print(f"  {kind}: test AUC {best['test']:.4f}, {best['test'] - cosine['test']:+.4f} over the cosine "
               f"(per query {best['per_query']:.4f})")
 
