@@ -16,7 +16,7 @@ from tf_q2e.config import ConfigError, load_config
 from tf_q2e.data.synth import generate
 from tf_q2e.export import export_run
 from tf_q2e.index import build_index, exact_top_k, load_index
-from tf_q2e.terms import TermChannel, light_stem
+from tf_q2e.terms import WEIGHT_BUCKETS, TermChannel, light_stem
 from tf_q2e.train import build_model, load_model, train
 
 
@@ -91,10 +91,65 @@ def test_the_tasks_see_the_channel_only_with_term_in_training():
         assert trained == config.model.embedding_dim + (64 if in_training else 0)
 
 
-def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):
+def test_learned_word_weights_make_the_coverage_a_weighted_share():
+    learned = TermChannel(4096, 0.5, "mean", learned_weights=True)
+    fixed = TermChannel(4096, 0.5, "mean")
+    queries = tf.constant(["red sofa", "grey wool rug", ""])
+    np.testing.assert_allclose(learned(queries).numpy(), fixed(queries).numpy(), atol=1e-6)  # started at u = 1
+    red, sofa = TermChannel.word_hashes(tf.constant(["red sofa"]))[0].numpy()
+    table = learned.word_weights.numpy()
+    table[red % WEIGHT_BUCKETS] = np.log(np.expm1(3.0))  # u_red = 3, u_sofa = 1
+    learned.word_weights.assign(table)
+    q = learned(tf.constant(["red sofa"])).numpy()[0]
+    p = TermChannel(4096, 0.5, "sum")(tf.constant(["red lamp"])).numpy()[0]
+    e = learned.word_vectors(tf.constant([red, sofa], tf.int64)).numpy()
+    # t_q·t_p = α (3 e_red + e_sofa)·(e_red + e_lamp) / 4: about 0.5 · 3/4 (red holds 3 of the 4 weight units).
+    e_lamp = learned.word_vectors(TermChannel.word_hashes(tf.constant(["lamp"])).flat_values).numpy()[0]
+    expected = 0.5 * (3 * e[0] + e[1]) @ (e[0] + e_lamp) / 4
+    np.testing.assert_allclose(q @ p, expected, rtol=1e-5)
+    assert abs(expected - 0.375) < 0.05
+    with pytest.raises(ValueError, match="mean pooling only"):
+        TermChannel(8, 1.0, "sum", learned_weights=True)
+    with pytest.raises(ConfigError, match="model.term_weights"):
+        load_config(None, ["model.term_weights=engagement"])
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_the_engagement_task_alone_trains_the_word_weights(weight):
+    batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug", "red rug"]), "query_country": tf.constant(["US"] * 4),
+             "product_id": tf.constant(["a", "b", "c", "d"]),
+             "product_title": tf.constant(["red sofa", "oak lamp", "rug", "blue rug"]),
+             "product_description": tf.constant([""] * 4), "product_category": tf.constant(["x", "y", "z", "z"]),
+             "engaged": tf.constant([1, 0, 1, 0])}
+    config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1", "model.term_weights=engagement",
+                                        f"model.engagement_weight={weight}", "model.engagement_trains_tables=false"])
+    model = build_model(config, 0, ("query_country",))
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.1))
+    q, p = model(batch)
+    d = config.model.embedding_dim
+    ctr, bce = model.task_losses(batch)
+    # The contrastive task scores with the cosine, the engagement task with the whole dot product.
+    np.testing.assert_allclose(ctr.numpy(), model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"]).loss.numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bce.numpy(), model.engagement(q, p, batch["engaged"]).loss.numpy(), rtol=1e-5)
+    assert model.query_tower(batch, training=True).shape[1] == d + 64  # computed in training for the BCE
+    assert model.product_tower.term_channel.word_weights is None  # the product's words are not weighted
+    before = model.query_tower.term_channel.word_weights.numpy().copy()
+    model.train_step(batch)
+    changed = np.flatnonzero(model.query_tower.term_channel.word_weights.numpy() != before)
+    if weight:  # the rows of the batch's query words moved, by the BCE's gradient (the tables are off the BCE)
+        words = TermChannel.word_hashes(batch["query"]).flat_values.numpy() % WEIGHT_BUCKETS
+        assert 0 < len(changed) and set(changed) <= set(words)
+    else:  # contrastive only: the weights stay at 1, the same model as fixed weights
+        assert len(changed) == 0
+
+
+@pytest.mark.parametrize("weights", ["fixed", "engagement"])
+def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weights):
     data = str(tmp_path / "data")
     generate(data, products=150, impressions=2000, seed=3, image_dim=0)
-    config = load_config(None, SMALL + ["model.term_dim=32", "model.term_weight=0.5", "train.epochs=1"])
+    config = load_config(None, SMALL + ["model.term_dim=32", "model.term_weight=0.5", "train.epochs=1",
+                                        f"model.term_weights={weights}"])
     run = str(tmp_path / "run")
     history = train(config, data, run, verbose=0)
     assert np.isfinite(history["loss"][0])
@@ -105,7 +160,10 @@ def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path):
     assert vectors.shape == (2, dim + 32)
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :dim], axis=1), 1.0, rtol=1e-5)  # the towers' unit part
     channel = TermChannel(32, 0.5, "mean")(queries["query"]).numpy()
-    np.testing.assert_allclose(vectors[:, dim:], channel, atol=1e-6)
+    if weights == "fixed":
+        np.testing.assert_allclose(vectors[:, dim:], channel, atol=1e-6)
+    else:  # the trained word weights moved the query's channel away from the plain mean
+        assert np.abs(vectors[:, dim:] - channel).max() > 1e-4
     # The input pipeline's featurized form (channel computed beside the step) gives the same vectors.
     np.testing.assert_allclose(model.query_tower(model.featurize(queries)).numpy(), vectors, atol=1e-5)
     products = {"product_title": tf.constant(["Red Sofa"]), "product_description": tf.constant(["with lamps"]),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
@@ -43,6 +44,20 @@ def test_training_lowers_validation_loss_and_learns_engagement(trained):
     assert history["val_contrastive_loss"][-1] < history["val_contrastive_loss"][0]
     assert history["val_engagement_auc"][-1] > 0.5
     assert history["recall_at_1"][-1] > history["recall_at_1"][0]
+
+
+def test_logged_loss_is_the_two_task_losses_weighted_by_lambda(trained, data_dir):
+    # Validation ends on a short batch (the split is no multiple of the batch): `loss` still
+    # equals its parts as logged, each a mean over rows, not over batches.
+    _, config, history = trained
+    validation_rows = pq.read_metadata(os.path.join(data_dir, "validation.parquet")).num_rows
+    assert validation_rows % config.train.global_batch_size and config.train.validation_steps is None
+    weight = config.model.engagement_weight
+    assert weight > 0
+    for prefix in ("", "val_"):
+        np.testing.assert_allclose(history[prefix + "loss"],
+                                   np.add(history[prefix + "contrastive_loss"],
+                                          weight * np.asarray(history[prefix + "engagement_loss"])), rtol=1e-5)
 
 
 def test_run_directory_records_the_run(trained, data_dir):
@@ -164,9 +179,11 @@ def test_q2e_train_needs_data(capsys):
 
 def test_mirrored_training_on_two_logical_cpus_and_batch_divisibility(data_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    base = [sys.executable, "-m", "tf_q2e.cli", "train", "--data", data_dir, "--out", str(tmp_path / "run")]
-    sets = [arg for s in SMALL + ["train.strategy=mirrored", "train.num_devices=2", "train.epochs=1", "train.steps_per_epoch=3",
-                                  "train.validation_steps=2"] for arg in ("--set", s)]
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+    base = [sys.executable, "-m", "tf_q2e.cli", "train", "--config", smoke, "--data", data_dir, "--out", str(tmp_path / "run")]
+    sets = [arg for s in ["train.strategy=mirrored", "train.num_devices=2", "train.epochs=1", "train.steps_per_epoch=3",
+                          "train.validation_steps=1000"] for arg in ("--set", s)]
+    # validation_steps: a cap beyond the split's full global batches ran the iterator dry (no val_* metric logged)
     bad = subprocess.run(base + sets + ["--set", "train.global_batch_size=33"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     assert "train.global_batch_size (33) must be divisible by the number of replicas (2)" in bad.stderr
@@ -175,7 +192,11 @@ def test_mirrored_training_on_two_logical_cpus_and_batch_divisibility(data_dir, 
     assert "training on 2 replica(s)" in good.stderr
     with open(tmp_path / "run" / "history.json", encoding="utf-8") as f:
         history = json.load(f)
-    assert np.isfinite(history["loss"][0]) and "val_engagement_auc" in history
+    assert np.isfinite(history["loss"][0]) and np.isfinite(history["val_engagement_auc"][0])
+    without_mirrored = subprocess.run(base + ["--set", "train.num_devices=2"], capture_output=True, text=True, env=env,
+                                      timeout=300)
+    assert without_mirrored.returncode == 2
+    assert "train.num_devices (2) applies to train.strategy=mirrored only" in without_mirrored.stderr
 
 
 def test_tf_function_input_is_raw_strings(data_dir):

@@ -213,7 +213,7 @@ def test_dataset_in_csv_is_found_by_suffix(tmp_path):
 
 def test_missing_catalogue_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "d")
-    with pytest.raises(DataError, match="no catalog.parquet"):
+    with pytest.raises(DataError, match=r"no catalogue \(catalog.parquet or another format\).*\.csv"):
         validate_dataset(str(tmp_path / "d"))
 
 

@@ -129,6 +129,14 @@ class ModelConfig:
         adds the channel when they are used (evaluate, index, export). On
         Home Depot, training with it made the towers lean on it and learn less
         matching of their own (seed 0, test Recall@100 0.761 vs 0.782 without).
+      term_weights: `fixed` (default): each query word counts alike in the
+        coverage; `engagement`: each query word gets a learned weight (a
+        hashed table in the query tower, started at 1), trained by the
+        engagement task alone, which then scores pairs with the whole dot
+        product while the contrastive task keeps the cosine (unless
+        `term_in_training`). The coverage becomes Σ w·[word in product] / Σ w:
+        which of a query's words an engaged product must hold. With λ = 0 the
+        weights stay at 1 (the same model as `fixed`).
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -154,6 +162,7 @@ class ModelConfig:
     term_dim: int = 0
     term_weight: float = 0.35
     term_in_training: bool = False
+    term_weights: Literal["fixed", "engagement"] = "fixed"
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
     logq_correction: bool = False
@@ -169,7 +178,8 @@ class TrainConfig:
       seed: seed of the shuffle order and of initialisation.
       epochs: passes over the training split.
       steps_per_epoch: cap on steps per epoch; null = the whole split.
-      validation_steps: cap on validation steps; null = the whole split.
+      validation_steps: cap on validation steps; null = the whole split (on
+        several replicas, its full global batches: every replica gets an equal share).
       optimizer: `adam` (Que2Search; embedding tables get sparse, lazy updates)
         or `adagrad`.
       learning_rate: Que2Search used 7e-4 with Adam.
@@ -298,6 +308,9 @@ def _check(cfg: Config) -> None:
         value = getattr(t, name)
         if value is not None and value < 1:
             raise ConfigError(f"train.{name} ({value}) must be at least 1" + ("" if name in ("epochs", "steps_per_execution") else " or null"))
+    if t.num_devices is not None and t.strategy != "mirrored":
+        raise ConfigError(f"train.num_devices ({t.num_devices}) applies to train.strategy=mirrored only, not "
+                          f"{t.strategy!r}: set both (--set train.strategy=mirrored --set train.num_devices={t.num_devices})")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
         raise ConfigError(f"train.learning_rate ({t.learning_rate}) must be a positive number (Que2Search used 7e-4 with Adam)")
     if t.early_stopping_patience < 0:
@@ -326,6 +339,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"model.engagement_weight ({m.engagement_weight}) must be a number, 0 (contrastive only) or more")
     if m.term_dim < 0:
         raise ConfigError(f"model.term_dim ({m.term_dim}) must be 0 (no term channel) or more (512 on Home Depot)")
+    if m.term_weights != "fixed" and not m.term_dim:
+        raise ConfigError(f"model.term_weights ({m.term_weights}) needs a term channel: set model.term_dim (512 on Home Depot)")
     if not (math.isfinite(m.term_weight) and m.term_weight > 0):
         raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
     for name, p in m.modality_dropout.items():

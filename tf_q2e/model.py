@@ -3,8 +3,10 @@
     L = L_ctr + λ·L_bce
 
 `compute_loss` returns this replica's contribution to L (see `tasks.py`) and
-updates the metrics that `fit` logs: `loss` (L of the global batch),
-`contrastive_loss`, `engagement_loss`, `recall_at_1` (in-batch: the positive
+updates the metrics that `fit` logs: `contrastive_loss` (mean ℓ_i over the
+epoch's rows), `engagement_loss` (mean ℓ_i over its labelled rows), `loss`
+(`contrastive_loss + λ·engagement_loss`, so the three agree even when a
+validation pass ends on a short batch), `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
 `engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
 1,001 even buckets of the cosine, or of the dot product when the towers'
@@ -27,9 +29,9 @@ import tensorflow_recommenders as tfrs
 
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
-from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval, global_sum
+from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.features import TextHasher
-from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality
+from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training
 
 # Buckets of the engagement AUC metric over the cosine's range [-1, 1] (width 0.002).
 AUC_THRESHOLDS = 1001
@@ -78,9 +80,9 @@ class Que2EngageModel(tfrs.Model):
         self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned", name="engagement")
         self.engagement_weight = float(m.engagement_weight)
         self.product_log_q = product_log_q if m.logq_correction else None
-        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
         self.engagement_loss = tf.keras.metrics.Mean(name="engagement_loss")
+        self.loss_tracker = _WeightedSum(self.contrastive_loss, self.engagement_loss, self.engagement_weight, name="loss")
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
         # AUC is rank-based, so the AUC of c_i is that of σ(s·c_i + b); but σ(20·c) saturates: every
         # c > 0.27 falls in the top one of Keras's 200 probability buckets, so a contrastive-only model
@@ -94,6 +96,12 @@ class Que2EngageModel(tfrs.Model):
     def weights_checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint of the model's weights alone (no optimizer slots): a third of the size."""
         return tf.train.Checkpoint(query_tower=self.query_tower, product_tower=self.product_tower, engagement=self.engagement)
+
+    @property
+    def engagement_tables(self) -> list[tf.Variable]:
+        """Tables that only the engagement task trains: the query term channel's learned word weights."""
+        channel = self.query_tower.term_channel
+        return [channel.word_weights] if channel is not None and channel.word_weights is not None else []
 
     @property
     def metrics(self) -> list[tf.keras.metrics.Metric]:
@@ -111,22 +119,24 @@ class Que2EngageModel(tfrs.Model):
         """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
         queries, products = self(features, training=training)
         m = self.config.model
-        if m.term_dim and not m.term_in_training:  # the tasks see the cosine; the channel is for inference
-            queries, products = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
+        # Each task scores with the cosine or with the whole dot product (the term channel's part too):
+        # the contrastive task with the channel only if term_in_training, the engagement task also
+        # when it learns the channel's word weights. At inference the channel always joins.
+        cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
+        ctr_pair = (queries, products) if m.term_in_training else cosine
+        bce_pair = (queries, products) if channel_in_training(m) else cosine
         log_q = self.product_log_q.lookup(features[S.PRODUCT_ID]) if self.product_log_q is not None else None
-        ctr = self.retrieval(queries, products, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
-        bce = self.engagement(queries, products, features[S.ENGAGED])
-        loss = ctr.loss + self.engagement_weight * bce.loss
+        ctr = self.retrieval(*ctr_pair, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
+        bce = self.engagement(*bce_pair, features[S.ENGAGED])
         self.contrastive_loss.update_state(ctr.row_losses)
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
         self.recall_at_1.update_state(ctr.hits_at_1)
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
-        score = tf.reduce_sum(tf.cast(queries, tf.float32) * tf.cast(products, tf.float32), axis=1)
+        score = tf.reduce_sum(tf.cast(bce_pair[0], tf.float32) * tf.cast(bce_pair[1], tf.float32), axis=1)
         # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]).
-        span = 1.0 + (m.term_weight if m.term_dim and m.term_in_training else 0.0)
+        span = 1.0 + (m.term_weight if channel_in_training(m) else 0.0)
         self.engagement_auc.update_state(engaged, tf.clip_by_value((score + span) / (2.0 * span), 0.0, 1.0),
                                          sample_weight=bce.labelled)
-        self.loss_tracker.update_state(global_sum(loss))
         return ctr.loss, bce.loss
 
     def train_step(self, features: dict) -> dict:
@@ -147,14 +157,35 @@ class Que2EngageModel(tfrs.Model):
         gradients = tape.gradient(target, self.trainable_variables)
         if split:
             ctr_gradients = tape.gradient(ctr_target, self.trainable_variables)
-            gradients = [c if isinstance(g, tf.IndexedSlices) else g for g, c in zip(gradients, ctr_gradients)]
+            # The term channel's word weights are the engagement task's own: they keep its gradient.
+            own = {id(v) for v in self.engagement_tables}
+            gradients = [c if isinstance(g, tf.IndexedSlices) and id(v) not in own else g
+                         for g, c, v in zip(gradients, ctr_gradients, self.trainable_variables)]
             del tape
         if scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
-        optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        # No gradient: word weights with λ = 0, or a task that does not reach a variable.
+        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, self.trainable_variables) if g is not None])
         return {metric.name: metric.result() for metric in self.metrics}
 
     def test_step(self, features: dict) -> dict:
         self.compute_loss(features, training=False)
         return {metric.name: metric.result() for metric in self.metrics}
 
+
+
+class _WeightedSum(tf.keras.metrics.Metric):
+    """`first + weight · second` of two other metrics' results; no state of its own (they hold it)."""
+
+    def __init__(self, first: tf.keras.metrics.Metric, second: tf.keras.metrics.Metric, weight: float, **kwargs):
+        super().__init__(**kwargs)
+        self._results = lambda: first.result() + weight * second.result()  # a lambda: not tracked as sub-metrics
+
+    def update_state(self, *args, **kwargs) -> None:
+        pass
+
+    def result(self) -> tf.Tensor:
+        return self._results()
+
+    def reset_state(self) -> None:
+        pass

@@ -34,6 +34,16 @@ and Recall@100 0.784 instead of 0.730 and 0.799, simulated at K = 1024).
 channel's size. The training tasks see the channel only with
 `model.term_in_training`; by default the towers train on the cosine alone
 and the channel joins when they are used (evaluate, index, export).
+
+With learned word weights (`model.term_weights: engagement`, the query
+tower's channel only), each query word w gets a weight
+u_w = softplus(v[h(w) mod 2^18]) from a table started at u = 1, and
+
+    query:    t_q = Σ_w u_w e_w / Σ_w u_w
+
+so t_q·t_p is the weighted coverage Σ u_w [w in p] / Σ u_w, still at most 1.
+Only the engagement task trains v (the contrastive task keeps the cosine):
+it learns which query words an engaged product must contain.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ PRIME = 2**31 - 1  # h(w) < P and a_d < P, so h(w) · a_d + b_d < 2^62 fits int6
 SIGN_SEED = 20230222  # the constants (a_d, b_d): fixed, so every run and every export agree
 
 POOLINGS = ("mean", "sum")
+WEIGHT_BUCKETS = 2**18  # rows of the learned word-weight table (h(w) mod this)
 
 
 def light_stem(words: tf.Tensor) -> tf.Tensor:
@@ -81,19 +92,29 @@ class TermChannel(tf.keras.layers.Layer):
       weight: α, the weight of t_q·t_p in the towers' dot product (the layer
         scales its output by √α; both towers carry one).
       pooling: "mean" for the query tower, "sum" for the product tower.
+      learned_weights: "mean" pooling only: a weighted mean with learned word
+        weights u_w = softplus(v[h(w) mod WEIGHT_BUCKETS]), v started at u = 1
+        (the module docstring).
     """
 
-    def __init__(self, dim: int, weight: float, pooling: str, **kwargs):
-        super().__init__(trainable=False, **kwargs)
+    def __init__(self, dim: int, weight: float, pooling: str, learned_weights: bool = False, **kwargs):
+        super().__init__(trainable=learned_weights, **kwargs)
         if dim < 1:
             raise ValueError(f"TermChannel dim must be at least 1, got {dim}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if learned_weights and pooling != "mean":
+            raise ValueError("learned word weights are for the query's mean pooling only")
         self.dim = int(dim)
         self.weight = float(weight)
         self.pooling = pooling
+        self.learned_weights = bool(learned_weights)
         a, b = _sign_constants(self.dim)
         self._a, self._b = tf.constant(a), tf.constant(b)
+        # Created here, not in build(): the optimizer must see the table when the model is built.
+        self.word_weights = self.add_weight(
+            name="word_weights", shape=(WEIGHT_BUCKETS,), dtype=tf.float32,
+            initializer=tf.keras.initializers.Constant(float(np.log(np.expm1(1.0))))) if learned_weights else None
 
     def word_vectors(self, hashes: tf.Tensor) -> tf.Tensor:
         """`[n]` word hashes h(w) → `[n, K]` sign vectors e_w (±1/√K)."""
@@ -117,12 +138,18 @@ class TermChannel(tf.keras.layers.Layer):
         return tf.RaggedTensor.from_value_rowids(keys - rows * PRIME, rows, nrows=tf.shape(text, tf.int64)[0])
 
     def pool(self, hashes: tf.RaggedTensor) -> tf.Tensor:
-        """Ragged `[B, None]` word hashes (`word_hashes`) → `[B, K]`: √α · the mean or sum of their e_w."""
+        """Ragged `[B, None]` word hashes (`word_hashes`) → `[B, K]`: √α · the mean (weighted mean
+        with learned weights) or sum of their e_w."""
         vectors = self.word_vectors(hashes.flat_values)
         rows = hashes.value_rowids()
+        if self.word_weights is not None:
+            u = tf.nn.softplus(tf.gather(self.word_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS)))
+            vectors *= u[:, tf.newaxis]
+            counts = tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
+        else:
+            counts = tf.cast(hashes.row_lengths(), tf.float32)
         pooled = tf.math.unsorted_segment_sum(vectors, rows, hashes.nrows())
         if self.pooling == "mean":
-            counts = tf.cast(hashes.row_lengths(), tf.float32)
             pooled = tf.math.divide_no_nan(pooled, counts[:, tf.newaxis])
         return pooled * np.float32(np.sqrt(self.weight))
 
@@ -130,4 +157,5 @@ class TermChannel(tf.keras.layers.Layer):
         return self.pool(self.word_hashes(text))  # [B, K]
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "dim": self.dim, "weight": self.weight, "pooling": self.pooling}
+        return {**super().get_config(), "dim": self.dim, "weight": self.weight, "pooling": self.pooling,
+                "learned_weights": self.learned_weights}

@@ -207,10 +207,10 @@ class _Tower(tf.keras.layers.Layer):
         self.term_channel: TermChannel | None = None
         self.term_inputs: tuple[str, ...] = ()  # the text features whose words the channel takes
 
-    def _add_term_channel(self, inputs: tuple[str, ...], pooling: str) -> None:
+    def _add_term_channel(self, inputs: tuple[str, ...], pooling: str, learned_weights: bool = False) -> None:
         m = self.model_cfg
         if m.term_dim:
-            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, name="term_channel")
+            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, learned_weights, name="term_channel")
             self.term_inputs = inputs
 
     @property
@@ -273,7 +273,7 @@ class _Tower(tf.keras.layers.Layer):
 
     def call(self, features: dict, training=None) -> tf.Tensor:
         vectors = self._head(self.modality_vectors(features, training=training))
-        if self.term_channel is None or (training and not self.model_cfg.term_in_training):
+        if self.term_channel is None or (training and not channel_in_training(self.model_cfg)):
             return vectors  # training without the channel in the tasks: [B, D]
         return tf.concat([vectors, self.term_channel.pool(self._term_hashes(features))], axis=-1)  # [B, D + K]
 
@@ -304,7 +304,7 @@ class QueryTower(_Tower):
                 c: HashedCategorical(features_cfg.context_buckets, model_cfg.embedding_dim, name=c) for c in self.context_columns
             }
             self._add("query_context", _Sum(list(self.context.values()), name="query_context"), list(self.context_columns))
-        self._add_term_channel((S.QUERY,), "mean")
+        self._add_term_channel((S.QUERY,), "mean", learned_weights=model_cfg.term_weights == "engagement")
         self._finish()
 
 
@@ -336,6 +336,12 @@ class ProductTower(_Tower):
             self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
         self._add_term_channel((S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION), "sum")
         self._finish()
+
+
+def channel_in_training(model_cfg: ModelConfig) -> bool:
+    """Whether a training task scores pairs with the term channel (the contrastive one with
+    `term_in_training`, the engagement one with learned word weights as well)."""
+    return bool(model_cfg.term_dim) and (model_cfg.term_in_training or model_cfg.term_weights == "engagement")
 
 
 class _Sum(tf.keras.layers.Layer):

@@ -237,10 +237,17 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         tf.keras.mixed_precision.set_global_policy("float32")
 
     steps = t.steps_per_epoch or max(1, train_rows // t.global_batch_size)
-    validation_steps = t.validation_steps
-    if validation is not None and validation_steps is None:  # needed with steps_per_execution > 1
+    validation_steps = None  # needed with steps_per_execution > 1
+    if validation is not None:
         n = rows[splits["validation"]]
-        validation_steps = max(1, n // t.global_batch_size if replicas > 1 else -(-n // t.global_batch_size))
+        # Several replicas: full global batches only (equal shares on every replica).
+        batches = n // t.global_batch_size if replicas > 1 else -(-n // t.global_batch_size)
+        if batches < 1:
+            raise ConfigError(f"{splits['validation']}: the validation split has {n} rows kept" + (
+                f", fewer than one global batch (train.global_batch_size {t.global_batch_size}), which "
+                f"{replicas} replicas need to validate on equal shares" if n else ""))
+        # A cap beyond the split's batches would run the iterator dry: Keras then logs no val_* metric.
+        validation_steps = min(t.validation_steps or batches, batches)
     # fit keeps one iterator over the repeated training data for all epochs, and
     # starts a new validation iterator every epoch.
     rows_read = {"train": steps * t.global_batch_size * t.epochs, "validation": (validation_steps or 0) * t.global_batch_size}

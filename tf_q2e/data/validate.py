@@ -380,12 +380,14 @@ def dataset_files(data_dir: str) -> tuple[str, dict[str, str]]:
     Each file may be in any supported format: `catalog.csv` serves as well as
     `catalog.parquet`. Two files of one name in different formats are an error.
     """
+    expected = (f"catalog and {', '.join(S.SPLIT_FILES)} files ({', '.join(SUPPORTED_SUFFIXES)}; "
+                "make one with q2e synth or q2e prepare)")
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data set directory (expected {S.CATALOG_FILE} and split files)")
+        raise DataError(f"{data_dir}: no such data set directory (expected {expected})")
     catalog = _find(data_dir, "catalog")
     if catalog is None:
-        raise DataError(f"{data_dir}: no {S.CATALOG_FILE}; a data set directory holds {S.CATALOG_FILE}, "
-                        f"{', '.join(S.SPLIT_FILES.values())} (make one with q2e synth or q2e prepare)")
+        raise DataError(f"{data_dir}: no catalogue ({S.CATALOG_FILE} or another format); a data set directory "
+                        f"holds {expected}")
     splits = {name: path for name in S.SPLIT_FILES if (path := _find(data_dir, name)) is not None}
     if "train" not in splits:
         raise DataError(f"{data_dir}: no {S.SPLIT_FILES['train']}")
