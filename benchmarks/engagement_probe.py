@@ -58,14 +58,23 @@ loss. If that alpha already gives most of the AUC gain, a contrastive-only
 model with such a channel would take most of it too, and the engagement task
 would be left little to add.
 
+Then it weights the coverage's terms: cos + alpha * Σ u_t [t in p] / Σ u_t
+over the query's terms t, u_t = softplus(v_t), alpha the one chosen above,
+with v fitted (towers frozen) once by the engagement BCE on the labelled
+training pairs and once by the in-batch softmax over the training split's
+impressed rows, and prints the pooled AUC of each. Weights that the BCE
+finds and the softmax does not are engagement signal that only the
+engagement task could bring into a model (`model.term_weights: engagement`).
+
 For a run with a term channel (`model.term_dim`), "cosine" below is the
-run's whole dot product, the channel's share of coverage included.
+run's whole dot product, the channel's share of coverage included (so run
+the coverage sections on a run without one).
 
 The run's query and product vectors come from `tf_q2e.retrievers.
 dense_retriever_for_run` (the run's index when it covers the catalogue, else
 the catalogue is embedded first, about a minute for Home Depot).
 
-About 35 s a Home Depot run on 2 cores.
+About 6 minutes a Home Depot run on 2 cores (2 of them the word weights).
 
 Usage:
   .venv/bin/python benchmarks/engagement_probe.py --run RUN [--data DIR] [--l2 0.1 0.01 0.001 0.0001] [--epochs 30]
@@ -217,6 +226,112 @@ def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model
 HEADS = ("diag", "full", "offset", "p-offset")
 
 
+WORD_WEIGHT_INIT = float(np.log(np.expm1(1.0)))  # softplus(v) = 1: every word counts alike
+
+
+def query_term_ids(terms: Terms, queries: list[str]) -> np.ndarray:
+    """`[n, L]` each query's term ids, padded with -1."""
+    query_terms = terms.of(list(queries))
+    ids = np.full((len(query_terms), max(1, max(map(len, query_terms), default=1))), -1, np.int64)
+    for i, t in enumerate(query_terms):
+        ids[i, :len(t)] = t
+    return ids
+
+
+def query_term_matches(terms: Terms, queries: list[str], products) -> tuple[np.ndarray, np.ndarray]:
+    """`[n, L]` each query's term ids (-1: none) and, for each pair (queries[i], products[i]), whether
+    the product's text holds each term."""
+    ids = query_term_ids(terms, queries)
+    match = np.stack([np.isin(row, terms.products[pid]) & (row >= 0) for row, pid in zip(ids, products)])
+    return ids, match.astype(np.float32).reshape(ids.shape)
+
+
+def weighted_coverage(ids, match, v):
+    """Σ u_t [t in p] / Σ u_t over the query's terms, u_t = softplus(v_t) (the package's
+    `model.term_weights: engagement`); works on NumPy arrays and, for fitting, on tensors."""
+    u = tf.nn.softplus(tf.gather(v, tf.maximum(ids, 0))) * tf.cast(ids >= 0, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(u * match, -1), tf.reduce_sum(u, -1))
+
+
+def fit_word_weights(terms: Terms, train: Pairs, alpha: float, task: str, retriever=None, data_dir=None, model=None,
+                     epochs: int = 20, l2: float = 1e-5, batch_size: int = 512) -> np.ndarray:
+    """Per-term weights v of the coverage in cos + alpha * weighted coverage (alpha fixed), fitted with
+    the towers frozen by one task: "engagement" (BCE a * score + b on the labelled training pairs) or
+    "contrastive" (in-batch softmax of scale * score over the training split's impressed rows in
+    random batches, accidental hits masked)."""
+    rng = np.random.default_rng(0)
+    if task == "engagement":
+        ids, match = query_term_matches(terms, list(train.texts), train.products)
+        cos, y = pair_cosines(train), train.y
+    else:
+        judged = load_judged(split_path(data_dir, "train"), model.context_columns, model.image_dim or None)
+        q, p = retriever.pair_vectors(judged)
+        query_ids = query_term_ids(terms, list(judged.queries))
+    tf.keras.utils.set_random_seed(0)
+    v = tf.Variable(tf.fill([len(terms._ids) + 1], WORD_WEIGHT_INIT))  # every term id seen so far
+    a, b = tf.Variable(5.0), tf.Variable(0.0)
+    optimizer = tf.keras.optimizers.Adam(0.01)
+
+    @tf.function
+    def bce_step(ids, match, cos, y):
+        with tf.GradientTape() as tape:
+            logits = a * (cos + alpha * weighted_coverage(ids, match, v)) + b
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits))
+            loss += l2 * tf.reduce_sum(tf.square(v - WORD_WEIGHT_INIT))
+        optimizer.apply_gradients(zip(tape.gradient(loss, [v, a, b]), [v, a, b]))
+
+    @tf.function
+    def softmax_step(ids, match, cos, hit):
+        with tf.GradientTape() as tape:
+            scale = model.config.model.scale
+            z = tf.where(hit, -1e9, scale * (cos + alpha * weighted_coverage(ids[:, None, :], match, v)))
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(tf.shape(z)[0]), z))
+            loss += l2 * tf.reduce_sum(tf.square(v - WORD_WEIGHT_INIT))
+        optimizer.apply_gradients(zip(tape.gradient(loss, [v]), [v]))
+
+    for _ in range(epochs):
+        if task == "engagement":
+            order = rng.permutation(len(y))
+            for start in range(0, len(order), 1024):
+                r = order[start:start + 1024]
+                bce_step(ids[r], match[r], cos[r], y[r])
+            continue
+        order = rng.permutation(len(judged.row_query))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            products = judged.row_product[rows]
+            ids = query_ids[judged.row_query[rows]]
+            # match[i, j, l]: does product j hold query i's term l (through the batch's own term list)
+            local, position = np.unique(np.maximum(ids, 0), return_inverse=True)
+            holds = np.zeros((len(rows), len(local)), np.float32)
+            for j, pid in enumerate(products):
+                holds[j, np.searchsorted(local, np.intersect1d(terms.products[pid], local))] = 1.0
+            match = holds[:, position.reshape(ids.shape)].transpose(1, 0, 2)
+            hit = (products[:, None] == products[None, :]) & ~np.eye(len(rows), dtype=bool)
+            softmax_step(ids, match, (q[rows] @ p[rows].T).astype(np.float32), hit)
+    return v.numpy()
+
+
+def print_word_weights(terms: Terms, retriever, data_dir: str, model, train: Pairs, validation: Pairs,
+                       test: Pairs) -> None:
+    """Pooled AUC of cos + alpha * coverage with every term alike, and with per-term weights fitted by
+    the engagement task or by the contrastive task (alpha chosen on validation for the plain coverage)."""
+    split = {"validation": validation, "test": test}
+    matches = {s: query_term_matches(terms, list(p.texts), p.products) for s, p in split.items()}
+    cos = {s: pair_cosines(p) for s, p in split.items()}
+    plain = np.full(len(terms._ids) + 1, WORD_WEIGHT_INIT, np.float32)
+    cov = {s: weighted_coverage(*matches[s], plain).numpy() for s in split}
+    alpha = max(COVERAGE_WEIGHTS, key=lambda a: roc_auc(cos["validation"] + a * cov["validation"], validation.y))
+    print(f"\nper-term weights of the coverage, cos + {alpha:g} * weighted coverage (towers frozen): pooled AUC")
+    print(f"  {'weights':<28} {'validation':>12} {'test':>8}")
+    for name, v in (("every term alike", plain),
+                    ("fitted by the engagement BCE", fit_word_weights(terms, train, alpha, "engagement")),
+                    ("fitted by the in-batch softmax", fit_word_weights(terms, train, alpha, "contrastive", retriever,
+                                                                        data_dir, model, epochs=10))):
+        auc = {s: roc_auc(cos[s] + alpha * weighted_coverage(*matches[s], v).numpy(), p.y) for s, p in split.items()}
+        print(f"  {name:<28} {auc['validation']:>12.4f} {auc['test']:>8.4f}")
+
+
 def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> np.ndarray:
     """The head fitted by BCE on `pairs`: W (diagonal [D] or full [D, D]) of a * q^T W p + b, or
     (kind "offset") w [D] of a * (q^T p + w^T q) + b, or (kind "p-offset") of a * (q^T p + w^T p) + b."""
@@ -316,6 +431,7 @@ def main(argv=None) -> int:
     print_coverage(terms, validation, test)
     for split in ("train", "validation"):
         contrastive_weight(terms, retriever, data_dir, split, model, model.config.model.scale)
+    print_word_weights(terms, retriever, data_dir, model, train, validation, test)
     return 0
 
 

@@ -16,7 +16,7 @@ from tf_q2e.config import ConfigError, load_config
 from tf_q2e.data.synth import generate
 from tf_q2e.export import export_run
 from tf_q2e.index import build_index, exact_top_k, load_index
-from tf_q2e.terms import WEIGHT_BUCKETS, TermChannel, light_stem
+from tf_q2e.terms import WEIGHT_BUCKETS, WEIGHT_RATE, TermChannel, light_stem
 from tf_q2e.train import build_model, load_model, train
 
 
@@ -98,7 +98,7 @@ def test_learned_word_weights_make_the_coverage_a_weighted_share():
     np.testing.assert_allclose(learned(queries).numpy(), fixed(queries).numpy(), atol=1e-6)  # started at u = 1
     red, sofa = TermChannel.word_hashes(tf.constant(["red sofa"]))[0].numpy()
     table = learned.word_weights.numpy()
-    table[red % WEIGHT_BUCKETS] = np.log(np.expm1(3.0))  # u_red = 3, u_sofa = 1
+    table[red % WEIGHT_BUCKETS] = np.log(np.expm1(3.0)) / WEIGHT_RATE  # u_red = 3, u_sofa = 1
     learned.word_weights.assign(table)
     q = learned(tf.constant(["red sofa"])).numpy()[0]
     p = TermChannel(4096, 0.5, "sum")(tf.constant(["red lamp"])).numpy()[0]

@@ -173,7 +173,6 @@ class Que2EngageModel(tfrs.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
 
-
 class _WeightedSum(tf.keras.metrics.Metric):
     """`first + weight · second` of two other metrics' results; no state of its own (they hold it)."""
 

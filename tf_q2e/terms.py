@@ -37,7 +37,7 @@ and the channel joins when they are used (evaluate, index, export).
 
 With learned word weights (`model.term_weights: engagement`, the query
 tower's channel only), each query word w gets a weight
-u_w = softplus(v[h(w) mod 2^18]) from a table started at u = 1, and
+u_w = softplus(10 · v[h(w) mod 2^18]) from a table started at u = 1, and
 
     query:    t_q = Σ_w u_w e_w / Σ_w u_w
 
@@ -58,6 +58,10 @@ SIGN_SEED = 20230222  # the constants (a_d, b_d): fixed, so every run and every 
 
 POOLINGS = ("mean", "sum")
 WEIGHT_BUCKETS = 2**18  # rows of the learned word-weight table (h(w) mod this)
+# u_w = softplus(WEIGHT_RATE · v): the weights move 10x faster than a plain variable under the towers'
+# optimizer (Home Depot: at Adam's 0.002, plain weights had barely moved when early stopping kept
+# epoch 2, and the validation AUC stayed at contrastive-only's; at 10x it rose by +0.011).
+WEIGHT_RATE = 10.0
 
 
 def light_stem(words: tf.Tensor) -> tf.Tensor:
@@ -93,8 +97,8 @@ class TermChannel(tf.keras.layers.Layer):
         scales its output by √α; both towers carry one).
       pooling: "mean" for the query tower, "sum" for the product tower.
       learned_weights: "mean" pooling only: a weighted mean with learned word
-        weights u_w = softplus(v[h(w) mod WEIGHT_BUCKETS]), v started at u = 1
-        (the module docstring).
+        weights u_w = softplus(WEIGHT_RATE · v[h(w) mod WEIGHT_BUCKETS]), v
+        started at u = 1 (the module docstring).
     """
 
     def __init__(self, dim: int, weight: float, pooling: str, learned_weights: bool = False, **kwargs):
@@ -114,7 +118,7 @@ class TermChannel(tf.keras.layers.Layer):
         # Created here, not in build(): the optimizer must see the table when the model is built.
         self.word_weights = self.add_weight(
             name="word_weights", shape=(WEIGHT_BUCKETS,), dtype=tf.float32,
-            initializer=tf.keras.initializers.Constant(float(np.log(np.expm1(1.0))))) if learned_weights else None
+            initializer=tf.keras.initializers.Constant(float(np.log(np.expm1(1.0))) / WEIGHT_RATE)) if learned_weights else None
 
     def word_vectors(self, hashes: tf.Tensor) -> tf.Tensor:
         """`[n]` word hashes h(w) → `[n, K]` sign vectors e_w (±1/√K)."""
@@ -143,7 +147,7 @@ class TermChannel(tf.keras.layers.Layer):
         vectors = self.word_vectors(hashes.flat_values)
         rows = hashes.value_rowids()
         if self.word_weights is not None:
-            u = tf.nn.softplus(tf.gather(self.word_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS)))
+            u = tf.nn.softplus(WEIGHT_RATE * tf.gather(self.word_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS)))
             vectors *= u[:, tf.newaxis]
             counts = tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
         else:
