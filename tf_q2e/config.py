@@ -112,7 +112,8 @@ class ModelConfig:
       engagement_weight: λ in L = L_ctr + λ·L_bce; 0 is the contrastive-only
         (Que2Search) baseline.
       engagement_bias: `none` is the paper's σ(s·cos); `learned` adds a learned
-        offset, σ(s·cos + b), so hard negatives need not have cos < 0.
+        offset, σ(s·cos + b), so hard negatives need not have cos < 0 (b
+        learns 10x faster than the towers' variables: `tasks.BIAS_RATE`).
       engagement_trains_tables: the BCE's gradient reaches the embedding
         tables (the paper); `false` lets only the contrastive task train the
         tables (the n-gram, context and category embeddings) and the BCE only
@@ -136,7 +137,10 @@ class ModelConfig:
         product while the contrastive task keeps the cosine (unless
         `term_in_training`). The coverage becomes Σ w·[word in product] / Σ w:
         which of a query's words an engaged product must hold. With λ = 0 the
-        weights stay at 1 (the same model as `fixed`).
+        weights stay at 1 (the same model as `fixed`). Use it with
+        `engagement_bias: learned`: without a bias the BCE lowers every score
+        through the weights (Home Depot, `configs/homedepot.yaml`: pooled AUC
+        +0.0105 over contrastive-only, Recall@10 -5%).
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
