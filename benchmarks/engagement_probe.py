@@ -74,7 +74,7 @@ The run's query and product vectors come from `tf_q2e.retrievers.
 dense_retriever_for_run` (the run's index when it covers the catalogue, else
 the catalogue is embedded first, about a minute for Home Depot).
 
-About 6 minutes a Home Depot run on 2 cores (2 of them the word weights).
+About 2.5 minutes a Home Depot run on 2 quiet cores (6 with a training beside it).
 
 Usage:
   .venv/bin/python benchmarks/engagement_probe.py --run RUN [--data DIR] [--l2 0.1 0.01 0.001 0.0001] [--epochs 30]
@@ -177,8 +177,9 @@ def engaged_share(pairs: Pairs) -> np.ndarray:
 COVERAGE_WEIGHTS = np.round(np.arange(0.0, 1.0001, 0.025), 3)
 
 
-def print_coverage(terms: Terms, validation: Pairs, test: Pairs) -> None:
-    """Pooled AUC of the coverage, alone and added to the cosine (the module docstring)."""
+def print_coverage(terms: Terms, validation: Pairs, test: Pairs) -> float:
+    """Pooled AUC of the coverage, alone and added to the cosine (the module docstring); returns the
+    coverage's weight alpha chosen on validation."""
     cov = {"validation": terms.pair_coverage(validation), "test": terms.pair_coverage(test)}
     cos = {"validation": pair_cosines(validation), "test": pair_cosines(test)}
     y = {"validation": validation.y, "test": test.y}
@@ -194,6 +195,16 @@ def print_coverage(terms: Terms, validation: Pairs, test: Pairs) -> None:
     print(f"  cosine + coverage: {gain:+.4f} test AUC over the cosine (alpha {chosen:g}, chosen on validation)")
     for a in (0.1, 0.2):
         print(f"  cosine + {a:g} * coverage: test AUC {roc_auc(cos['test'] + a * cov['test'], y['test']):.4f}")
+    return float(chosen)
+
+
+def impressed_batches(judged, order: np.ndarray, batch_size: int):
+    """The full batches of `order`'s impressed rows, as the contrastive task sees them: (rows, their
+    product ids, the accidental-hit mask [b, b]: another row of the same product)."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        rows = order[start:start + batch_size]
+        products = judged.row_product[rows]
+        yield rows, products, (products[:, None] == products[None, :]) & ~np.eye(len(rows), dtype=bool)
 
 
 def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model, scale: float,
@@ -206,24 +217,19 @@ def contrastive_weight(terms: Terms, retriever, data_dir: str, split: str, model
     query_terms = terms.of(list(judged.queries))
     order = np.random.default_rng(0).permutation(len(judged.row_query))
     losses = np.zeros(len(COVERAGE_WEIGHTS))
-    batches = range(0, len(order) - batch_size + 1, batch_size)
-    for start in batches:
-        rows = order[start:start + batch_size]
-        products = judged.row_product[rows]
+    batches = 0
+    for rows, products, hit in impressed_batches(judged, order, batch_size):
+        batches += 1
         cos = q[rows] @ p[rows].T
         cov = terms.coverage([query_terms[i] for i in judged.row_query[rows]], products)
-        hit = (products[:, None] == products[None, :]) & ~np.eye(len(rows), dtype=bool)
         for k, a in enumerate(COVERAGE_WEIGHTS):
             z = np.where(hit, -1e9, scale * (cos + a * cov))
             top = z.max(axis=1)
             losses[k] += np.mean(np.log(np.exp(z - top[:, None]).sum(axis=1)) + top - np.diag(z))
-    losses /= max(1, len(batches))
+    losses /= max(1, batches)
     best = int(np.argmin(losses))
-    print(f"  contrastive loss of {scale:g} * (cos + alpha * coverage), {split} split, {len(batches)} batches of "
+    print(f"  contrastive loss of {scale:g} * (cos + alpha * coverage), {split} split, {batches} batches of "
           f"{batch_size}: {losses[0]:.4f} at alpha 0, lowest {losses[best]:.4f} at alpha {COVERAGE_WEIGHTS[best]:g}")
-
-
-HEADS = ("diag", "full", "offset", "p-offset")
 
 
 WORD_WEIGHT_INIT = float(np.log(np.expm1(1.0)))  # softplus(v) = 1: every word counts alike
@@ -296,10 +302,7 @@ def fit_word_weights(terms: Terms, train: Pairs, alpha: float, task: str, retrie
                 r = order[start:start + 1024]
                 bce_step(ids[r], match[r], cos[r], y[r])
             continue
-        order = rng.permutation(len(judged.row_query))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[start:start + batch_size]
-            products = judged.row_product[rows]
+        for rows, products, hit in impressed_batches(judged, rng.permutation(len(judged.row_query)), batch_size):
             ids = query_ids[judged.row_query[rows]]
             # match[i, j, l]: does product j hold query i's term l (through the batch's own term list)
             local, position = np.unique(np.maximum(ids, 0), return_inverse=True)
@@ -307,29 +310,29 @@ def fit_word_weights(terms: Terms, train: Pairs, alpha: float, task: str, retrie
             for j, pid in enumerate(products):
                 holds[j, np.searchsorted(local, np.intersect1d(terms.products[pid], local))] = 1.0
             match = holds[:, position.reshape(ids.shape)].transpose(1, 0, 2)
-            hit = (products[:, None] == products[None, :]) & ~np.eye(len(rows), dtype=bool)
             softmax_step(ids, match, (q[rows] @ p[rows].T).astype(np.float32), hit)
     return v.numpy()
 
 
-def print_word_weights(terms: Terms, retriever, data_dir: str, model, train: Pairs, validation: Pairs,
-                       test: Pairs) -> None:
+def print_word_weights(terms: Terms, retriever, data_dir: str, model, alpha: float, train: Pairs,
+                       validation: Pairs, test: Pairs) -> None:
     """Pooled AUC of cos + alpha * coverage with every term alike, and with per-term weights fitted by
-    the engagement task or by the contrastive task (alpha chosen on validation for the plain coverage)."""
+    the engagement task or by the contrastive task (alpha: `print_coverage`'s, chosen on validation)."""
     split = {"validation": validation, "test": test}
     matches = {s: query_term_matches(terms, list(p.texts), p.products) for s, p in split.items()}
     cos = {s: pair_cosines(p) for s, p in split.items()}
     plain = np.full(len(terms._ids) + 1, WORD_WEIGHT_INIT, np.float32)
-    cov = {s: weighted_coverage(*matches[s], plain).numpy() for s in split}
-    alpha = max(COVERAGE_WEIGHTS, key=lambda a: roc_auc(cos["validation"] + a * cov["validation"], validation.y))
     print(f"\nper-term weights of the coverage, cos + {alpha:g} * weighted coverage (towers frozen): pooled AUC")
-    print(f"  {'weights':<28} {'validation':>12} {'test':>8}")
+    print(f"  {'weights':<30} {'validation':>10} {'test':>8}")
     for name, v in (("every term alike", plain),
                     ("fitted by the engagement BCE", fit_word_weights(terms, train, alpha, "engagement")),
                     ("fitted by the in-batch softmax", fit_word_weights(terms, train, alpha, "contrastive", retriever,
                                                                         data_dir, model, epochs=10))):
         auc = {s: roc_auc(cos[s] + alpha * weighted_coverage(*matches[s], v).numpy(), p.y) for s, p in split.items()}
-        print(f"  {name:<28} {auc['validation']:>12.4f} {auc['test']:>8.4f}")
+        print(f"  {name:<30} {auc['validation']:>10.4f} {auc['test']:>8.4f}")
+
+
+HEADS = ("diag", "full", "offset", "p-offset")
 
 
 def fit_head(pairs: Pairs, kind: str, l2: float, epochs: int, seed: int = 0) -> np.ndarray:
@@ -428,10 +431,10 @@ def main(argv=None) -> int:
     print_table("head fitted on half the validation queries, chosen on the other half", rows, cosine,
                 ("val half A", "val half B"))
     terms = Terms(data_dir)
-    print_coverage(terms, validation, test)
+    alpha = print_coverage(terms, validation, test)
     for split in ("train", "validation"):
         contrastive_weight(terms, retriever, data_dir, split, model, model.config.model.scale)
-    print_word_weights(terms, retriever, data_dir, model, train, validation, test)
+    print_word_weights(terms, retriever, data_dir, model, alpha, train, validation, test)
     return 0
 
 

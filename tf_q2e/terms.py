@@ -146,14 +146,14 @@ class TermChannel(tf.keras.layers.Layer):
         with learned weights) or sum of their e_w."""
         vectors = self.word_vectors(hashes.flat_values)
         rows = hashes.value_rowids()
+        u = None
         if self.word_weights is not None:
             u = tf.nn.softplus(WEIGHT_RATE * tf.gather(self.word_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS)))
             vectors *= u[:, tf.newaxis]
-            counts = tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
-        else:
-            counts = tf.cast(hashes.row_lengths(), tf.float32)
         pooled = tf.math.unsorted_segment_sum(vectors, rows, hashes.nrows())
-        if self.pooling == "mean":
+        if self.pooling == "mean":  # the words' count, or their summed weights
+            counts = tf.cast(hashes.row_lengths(), tf.float32) if u is None else \
+                tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
             pooled = tf.math.divide_no_nan(pooled, counts[:, tf.newaxis])
         return pooled * np.float32(np.sqrt(self.weight))
 
