@@ -144,12 +144,69 @@ def test_the_engagement_task_alone_trains_the_word_weights(weight):
         assert len(changed) == 0
 
 
-@pytest.mark.parametrize("weights", ["fixed", "engagement"])
-def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weights):
+def test_the_query_bias_is_a_learned_offset_of_each_query():
+    query, product = TermChannel(256, 0.5, "mean", query_bias=True), TermChannel(256, 0.5, "sum", query_bias=True)
+    queries = tf.constant(["red sofa", "grey wool rug", ""])
+    q = query(queries).numpy()
+    assert q.shape == (3, 257)
+    np.testing.assert_array_equal(q[:, -1], 0.0)  # started at 0: the plain channel
+    np.testing.assert_allclose(q[:, :-1], TermChannel(256, 0.5, "mean")(queries).numpy(), atol=1e-6)
+    p = product(tf.constant(["red lamp", ""])).numpy()
+    np.testing.assert_array_equal(p[:, -1], 1.0)  # the product side of the bias
+    red, sofa = TermChannel.word_hashes(tf.constant(["red sofa"]))[0].numpy()
+    table = np.zeros(WEIGHT_BUCKETS, np.float32)
+    table[red % WEIGHT_BUCKETS], table[sofa % WEIGHT_BUCKETS] = 0.3, -0.1
+    query.bias_weights.assign(table)
+    query.length_weight.assign(0.05)
+    b = query(queries).numpy()[:, -1]
+    # b_q = the mean of the words' r + a log(1 + n); unseen words have r = 0; no words: 0.
+    expected = [(0.3 - 0.1) / 2 + 0.05 * np.log(3), 0.05 * np.log(4), 0.0]
+    np.testing.assert_allclose(b, expected, rtol=1e-5)
+    # Every product of a query gains the same b_q: no ranking changes.
+    products = product(tf.constant(["red sofa", "blue rug", "oak lamp"])).numpy()
+    with_bias, without = query(queries).numpy() @ products.T, q @ products.T  # q: the bias at 0
+    np.testing.assert_allclose(with_bias - without, np.repeat(np.array(expected)[:, None], 3, axis=1), atol=1e-5)
+    with pytest.raises(ConfigError, match="model.query_bias"):
+        load_config(None, ["model.query_bias=true"])
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_the_engagement_task_alone_trains_the_query_bias(weight):
+    batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug", "red rug"]), "query_country": tf.constant(["US"] * 4),
+             "product_id": tf.constant(["a", "b", "c", "d"]),
+             "product_title": tf.constant(["red sofa", "oak lamp", "rug", "blue rug"]),
+             "product_description": tf.constant([""] * 4), "product_category": tf.constant(["x", "y", "z", "z"]),
+             "engaged": tf.constant([1, 0, 1, 0])}
+    config = load_config(None, SMALL + ["model.term_dim=64", "model.query_bias=true", "model.engagement_bias=learned",
+                                        f"model.engagement_weight={weight}", "model.engagement_trains_tables=false"])
+    model = build_model(config, 0, ("query_country",))
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.1))
+    d = config.model.embedding_dim
+    assert model.query_tower(batch, training=True).shape[1] == d + 65  # the bias's entry computed in training for the BCE
+    q, p = model(batch)
+    assert p.shape[1] == d + 65
+    ctr, bce = model.task_losses(batch)
+    np.testing.assert_allclose(bce.numpy(), model.engagement(q, p, batch["engaged"]).loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ctr.numpy(), model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"]).loss.numpy(),
+                               rtol=1e-5)
+    channel = model.query_tower.term_channel
+    assert channel.bias_weights is not None and model.product_tower.term_channel.bias_weights is None
+    model.train_step(batch)
+    changed = np.flatnonzero(channel.bias_weights.numpy())
+    if weight:  # the rows of the batch's query words moved, by the BCE's gradient (the tables are off the BCE)
+        words = TermChannel.word_hashes(batch["query"]).flat_values.numpy() % WEIGHT_BUCKETS
+        assert 0 < len(changed) and set(changed) <= set(words)
+        assert channel.length_weight.numpy() != 0.0
+    else:  # contrastive only: the bias stays 0, the same model as without it
+        assert len(changed) == 0 and channel.length_weight.numpy() == 0.0
+
+
+@pytest.mark.parametrize("weights, bias", [("fixed", False), ("engagement", False), ("engagement", True)])
+def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weights, bias):
     data = str(tmp_path / "data")
     generate(data, products=150, impressions=2000, seed=3, image_dim=0)
     config = load_config(None, SMALL + ["model.term_dim=32", "model.term_weight=0.5", "train.epochs=1",
-                                        f"model.term_weights={weights}"])
+                                        f"model.term_weights={weights}", f"model.query_bias={str(bias).lower()}"])
     run = str(tmp_path / "run")
     history = train(config, data, run, verbose=0)
     assert np.isfinite(history["loss"][0])
@@ -157,25 +214,28 @@ def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weight
     dim = config.model.embedding_dim
     queries = {"query": tf.constant(["red sofa", "oak desk lamps"]), "query_country": tf.constant(["US", "US"])}
     vectors = model.query_tower(queries).numpy()
-    assert vectors.shape == (2, dim + 32)
+    assert vectors.shape == (2, dim + 32 + bias)
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :dim], axis=1), 1.0, rtol=1e-5)  # the towers' unit part
     channel = TermChannel(32, 0.5, "mean")(queries["query"]).numpy()
     if weights == "fixed":
         np.testing.assert_allclose(vectors[:, dim:], channel, atol=1e-6)
     else:  # the trained word weights moved the query's channel away from the plain mean
-        assert np.abs(vectors[:, dim:] - channel).max() > 1e-4
+        assert np.abs(vectors[:, dim:dim + 32] - channel).max() > 1e-4
+    if bias:  # trained away from 0
+        assert np.abs(vectors[:, -1]).min() > 1e-4
     # The input pipeline's featurized form (channel computed beside the step) gives the same vectors.
     np.testing.assert_allclose(model.query_tower(model.featurize(queries)).numpy(), vectors, atol=1e-5)
     products = {"product_title": tf.constant(["Red Sofa"]), "product_description": tf.constant(["with lamps"]),
                 "product_category": tf.constant(["sofa"])}
     p = model.product_tower(products).numpy()
-    np.testing.assert_allclose(p[:, dim:], TermChannel(32, 0.5, "sum")(tf.constant(["Red Sofa with lamps"])).numpy(),
+    np.testing.assert_allclose(p[:, dim:dim + 32], TermChannel(32, 0.5, "sum")(tf.constant(["Red Sofa with lamps"])).numpy(),
                                atol=1e-6)
+    np.testing.assert_array_equal(p[:, dim + 32:], 1.0 if bias else np.zeros((1, 0)))
     np.testing.assert_allclose(model.product_tower(model.featurize(products)).numpy(), p, atol=1e-5)
 
     build_index(run, log=lambda _: None)
     index = load_index(run)
-    assert index.vectors.shape[1] == dim + 32
+    assert index.vectors.shape[1] == dim + 32 + bias
     base = str(tmp_path / "serving")
     result = export_run(run, base, "q2e", log=lambda _: None)
     stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))

@@ -141,6 +141,13 @@ class ModelConfig:
         `engagement_bias: learned`: without a bias the BCE lowers every score
         through the weights (Home Depot, `configs/homedepot.yaml`: pooled AUC
         +0.0105 over contrastive-only, Recall@10 -5%).
+      query_bias: a learned bias of each query in the dot product (a hashed
+        table of per-word offsets and a weight of the query's length, in the
+        term channel: `tf_q2e.terms`), trained by the engagement task alone.
+        It moves all of a query's products alike, so no ranking changes, but
+        the score then says how likely the query's products are to be engaged
+        (the pooled engagement AUC ranks pairs across queries). Needs a term
+        channel; with λ = 0 it stays 0. The vectors get one more entry.
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -167,6 +174,7 @@ class ModelConfig:
     term_weight: float = 0.35
     term_in_training: bool = False
     term_weights: Literal["fixed", "engagement"] = "fixed"
+    query_bias: bool = False
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
     logq_correction: bool = False
@@ -345,6 +353,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"model.term_dim ({m.term_dim}) must be 0 (no term channel) or more (512 on Home Depot)")
     if m.term_weights != "fixed" and not m.term_dim:
         raise ConfigError(f"model.term_weights ({m.term_weights}) needs a term channel: set model.term_dim (512 on Home Depot)")
+    if m.query_bias and not m.term_dim:
+        raise ConfigError("model.query_bias needs a term channel: set model.term_dim (512 on Home Depot)")
     if not (math.isfinite(m.term_weight) and m.term_weight > 0):
         raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
     for name, p in m.modality_dropout.items():

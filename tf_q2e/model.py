@@ -9,8 +9,8 @@ epoch's rows), `engagement_loss` (mean ℓ_i over its labelled rows), `loss`
 validation pass ends on a short batch), `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
 `engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
-1,001 even buckets of the cosine, or of the dot product when the towers'
-term channel is in training).
+1,001 buckets of tanh(c_i / span), c_i the cosine, or the dot product when
+the towers' term channel is in training).
 
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
@@ -33,7 +33,7 @@ from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.features import TextHasher
 from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training
 
-# Buckets of the engagement AUC metric over the cosine's range [-1, 1] (width 0.002).
+# Buckets of the engagement AUC metric over (1 + tanh(score / span)) / 2, in (0, 1).
 AUC_THRESHOLDS = 1001
 
 
@@ -86,7 +86,7 @@ class Que2EngageModel(tfrs.Model):
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
         # AUC is rank-based, so the AUC of c_i is that of σ(s·c_i + b); but σ(20·c) saturates: every
         # c > 0.27 falls in the top one of Keras's 200 probability buckets, so a contrastive-only model
-        # showed an AUC near 0.5 whatever its ranking. The metric buckets (c + 1) / 2 evenly instead.
+        # showed an AUC near 0.5 whatever its ranking. The metric buckets (1 + tanh(c / span)) / 2 instead.
         self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", num_thresholds=AUC_THRESHOLDS)
 
     def featurize(self, features: dict) -> dict:
@@ -99,9 +99,11 @@ class Que2EngageModel(tfrs.Model):
 
     @property
     def engagement_tables(self) -> list[tf.Variable]:
-        """Tables that only the engagement task trains: the query term channel's learned word weights."""
+        """Tables that only the engagement task trains: the query term channel's learned word weights
+        and query bias."""
         channel = self.query_tower.term_channel
-        return [channel.word_weights] if channel is not None and channel.word_weights is not None else []
+        tables = [] if channel is None else [channel.word_weights, channel.bias_weights]
+        return [t for t in tables if t is not None]
 
     @property
     def metrics(self) -> list[tf.keras.metrics.Metric]:
@@ -133,10 +135,10 @@ class Que2EngageModel(tfrs.Model):
         self.recall_at_1.update_state(ctr.hits_at_1)
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
         score = tf.reduce_sum(tf.cast(bce_pair[0], tf.float32) * tf.cast(bce_pair[1], tf.float32), axis=1)
-        # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]).
+        # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]), a query
+        # bias any real number: tanh maps the score into the buckets' (0, 1) without clipping ties.
         span = 1.0 + (m.term_weight if channel_in_training(m) else 0.0)
-        self.engagement_auc.update_state(engaged, tf.clip_by_value((score + span) / (2.0 * span), 0.0, 1.0),
-                                         sample_weight=bce.labelled)
+        self.engagement_auc.update_state(engaged, 0.5 + 0.5 * tf.math.tanh(score / span), sample_weight=bce.labelled)
         return ctr.loss, bce.loss
 
     def train_step(self, features: dict) -> dict:

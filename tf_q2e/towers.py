@@ -210,7 +210,8 @@ class _Tower(tf.keras.layers.Layer):
     def _add_term_channel(self, inputs: tuple[str, ...], pooling: str, learned_weights: bool = False) -> None:
         m = self.model_cfg
         if m.term_dim:
-            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, learned_weights, name="term_channel")
+            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, learned_weights, m.query_bias,
+                                            name="term_channel")
             self.term_inputs = inputs
 
     @property
@@ -341,7 +342,8 @@ class ProductTower(_Tower):
 def channel_in_training(model_cfg: ModelConfig) -> bool:
     """Whether a training task scores pairs with the term channel (the contrastive one with
     `term_in_training`, the engagement one with learned word weights as well)."""
-    return bool(model_cfg.term_dim) and (model_cfg.term_in_training or model_cfg.term_weights == "engagement")
+    return bool(model_cfg.term_dim) and (model_cfg.term_in_training or model_cfg.term_weights == "engagement"
+                                         or model_cfg.query_bias)
 
 
 class _Sum(tf.keras.layers.Layer):
