@@ -114,17 +114,24 @@ def test_learned_word_weights_make_the_coverage_a_weighted_share():
         load_config(None, ["model.term_weights=engagement"])
 
 
-@pytest.mark.parametrize("weight", [0.5, 0.0])
-def test_the_engagement_task_alone_trains_the_word_weights(weight):
+def _tiny_model(weight: float, settings: list[str]):
+    """A batch of four rows and a compiled model with a 64-d term channel, engagement weight `weight`,
+    the BCE off the tables, plus `settings`."""
     batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug", "red rug"]), "query_country": tf.constant(["US"] * 4),
              "product_id": tf.constant(["a", "b", "c", "d"]),
              "product_title": tf.constant(["red sofa", "oak lamp", "rug", "blue rug"]),
              "product_description": tf.constant([""] * 4), "product_category": tf.constant(["x", "y", "z", "z"]),
              "engaged": tf.constant([1, 0, 1, 0])}
-    config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1", "model.term_weights=engagement",
-                                        f"model.engagement_weight={weight}", "model.engagement_trains_tables=false"])
+    config = load_config(None, SMALL + ["model.term_dim=64", f"model.engagement_weight={weight}",
+                                        "model.engagement_trains_tables=false", *settings])
     model = build_model(config, 0, ("query_country",))
     model.compile(optimizer=tf.keras.optimizers.Adam(0.1))
+    return batch, config, model
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_the_engagement_task_alone_trains_the_word_weights(weight):
+    batch, config, model = _tiny_model(weight, ["model.term_weight=1", "model.term_weights=engagement"])
     q, p = model(batch)
     d = config.model.embedding_dim
     ctr, bce = model.task_losses(batch)
@@ -172,15 +179,7 @@ def test_the_query_bias_is_a_learned_offset_of_each_query():
 
 @pytest.mark.parametrize("weight", [0.5, 0.0])
 def test_the_engagement_task_alone_trains_the_query_bias(weight):
-    batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug", "red rug"]), "query_country": tf.constant(["US"] * 4),
-             "product_id": tf.constant(["a", "b", "c", "d"]),
-             "product_title": tf.constant(["red sofa", "oak lamp", "rug", "blue rug"]),
-             "product_description": tf.constant([""] * 4), "product_category": tf.constant(["x", "y", "z", "z"]),
-             "engaged": tf.constant([1, 0, 1, 0])}
-    config = load_config(None, SMALL + ["model.term_dim=64", "model.query_bias=true", "model.engagement_bias=learned",
-                                        f"model.engagement_weight={weight}", "model.engagement_trains_tables=false"])
-    model = build_model(config, 0, ("query_country",))
-    model.compile(optimizer=tf.keras.optimizers.Adam(0.1))
+    batch, config, model = _tiny_model(weight, ["model.query_bias=true", "model.engagement_bias=learned"])
     d = config.model.embedding_dim
     assert model.query_tower(batch, training=True).shape[1] == d + 65  # the bias's entry computed in training for the BCE
     q, p = model(batch)

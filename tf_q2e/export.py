@@ -17,7 +17,7 @@ training:
 
     query_encoder:    query [B] string (+ each query_<context> [B] string)
                       -> embedding [B, D] float32 (unit vectors; [B, D + K]
-                         with a term channel, `tf_q2e.terms`)
+                         with a term channel, `tf_q2e.terms`, + 1 with a query bias)
     product_encoder:  product_title, product_description, product_category
                       [B] string (+ product_image_embedding [B, I] float32)
                       -> embedding [B, D] float32 (as query_encoder)

@@ -8,7 +8,7 @@ the towers carry a term channel, `tf_q2e.terms`) and writes `RUN/index/`:
     index.json        the ScaNN options, the search-time options, sizes, timings
                       and, after `--tune`, the measured recall/latency table
     products.parquet  product_id, product_title: row i is vector i
-    vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel)
+    vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel, + 1 with a query bias)
     scann/            the ScaNN searcher's state (a SavedModel of ScaNN's own
                       `ScannState`: its ops load only after `import scann`)
 

@@ -58,9 +58,8 @@ of a query's products alike, so it changes no ranking (retrieval, NDCG and
 each query's own AUC stay), and the in-batch softmax cannot learn it (a
 constant per row leaves the softmax unchanged): it is the engagement task's
 own, what a user bias is to matrix factorisation. It lets the score say how
-likely any impressed product of the query is to be engaged: Home Depot's
-longer queries have fewer engaged products, and some words (a misspelling,
-a model number) go with queries whose results raters judged poorly.
+likely any impressed product of the query is to be engaged (Home Depot's
+longer queries have fewer engaged products; the rest varies with the words).
 """
 
 from __future__ import annotations

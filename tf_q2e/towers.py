@@ -276,12 +276,13 @@ class _Tower(tf.keras.layers.Layer):
         vectors = self._head(self.modality_vectors(features, training=training))
         if self.term_channel is None or (training and not channel_in_training(self.model_cfg)):
             return vectors  # training without the channel in the tasks: [B, D]
-        return tf.concat([vectors, self.term_channel.pool(self._term_hashes(features))], axis=-1)  # [B, D + K]
+        return tf.concat([vectors, self.term_channel.pool(self._term_hashes(features))], axis=-1)  # [B, D + K (+ 1)]
 
 
 class QueryTower(_Tower):
     """`{"query": [B] string, "query_<context>": [B] string ...}` → `[B, D]` unit vectors
-    (`[B, D + K]` with a term channel: the unit vector, then the channel)."""
+    (`[B, D + K]` with a term channel: the unit vector, then the channel; `[B, D + K + 1]` with
+    the query bias b_q last)."""
 
     def __init__(
         self,
@@ -311,7 +312,8 @@ class QueryTower(_Tower):
 
 class ProductTower(_Tower):
     """Product fields (`product_title`, `product_description`, `product_category`,
-    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel)."""
+    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel, `[B, D + K + 1]`
+    with a query bias: its product side, 1, last)."""
 
     def __init__(
         self,
@@ -341,7 +343,7 @@ class ProductTower(_Tower):
 
 def channel_in_training(model_cfg: ModelConfig) -> bool:
     """Whether a training task scores pairs with the term channel (the contrastive one with
-    `term_in_training`, the engagement one with learned word weights as well)."""
+    `term_in_training`, the engagement one with learned word weights or a query bias as well)."""
     return bool(model_cfg.term_dim) and (model_cfg.term_in_training or model_cfg.term_weights == "engagement"
                                          or model_cfg.query_bias)
 
