@@ -29,3 +29,12 @@ def test_without_cross_replica_negatives_replicas_see_fewer_negatives():
     out = _run("model.cross_replica_negatives=false")
     assert out["replicas"] == 2
     assert abs(out["loss_single"] - out["loss_replicas"]) > 1e-3
+
+
+def test_two_replicas_equal_one_device_with_the_engagement_tables_of_the_term_channel():
+    # The word weights and the query bias: hashed tables that only the engagement task trains.
+    out = _run("model.term_dim=16", "model.term_weights=engagement", "model.query_bias=true",
+               "model.engagement_bias=learned")
+    assert out["replicas"] == 2
+    assert abs(out["loss_single"] - out["loss_replicas"]) < 1e-4 * abs(out["loss_single"])
+    assert out["max_gradient_difference"] < 1e-4 * out["max_gradient"]
