@@ -123,7 +123,7 @@ class Que2EngageModel(tfrs.Model):
         m = self.config.model
         # Each task scores with the cosine or with the whole dot product (the term channel's part too):
         # the contrastive task with the channel only if term_in_training, the engagement task also
-        # when it learns the channel's word weights. At inference the channel always joins.
+        # when it learns the channel's word weights or query bias. At inference the channel always joins.
         cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
         ctr_pair = (queries, products) if m.term_in_training else cosine
         bce_pair = (queries, products) if channel_in_training(m) else cosine
@@ -159,14 +159,14 @@ class Que2EngageModel(tfrs.Model):
         gradients = tape.gradient(target, self.trainable_variables)
         if split:
             ctr_gradients = tape.gradient(ctr_target, self.trainable_variables)
-            # The term channel's word weights are the engagement task's own: they keep its gradient.
+            # The term channel's word weights and query bias are the engagement task's own: they keep its gradient.
             own = {id(v) for v in self.engagement_tables}
             gradients = [c if isinstance(g, tf.IndexedSlices) and id(v) not in own else g
                          for g, c, v in zip(gradients, ctr_gradients, self.trainable_variables)]
             del tape
         if scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
-        # No gradient: word weights with λ = 0, or a task that does not reach a variable.
+        # No gradient: the word weights or query bias with λ = 0, or a task that does not reach a variable.
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, self.trainable_variables) if g is not None])
         return {metric.name: metric.result() for metric in self.metrics}
 

@@ -122,7 +122,8 @@ class TermChannel(tf.keras.layers.Layer):
 
     def __init__(self, dim: int, weight: float, pooling: str, learned_weights: bool = False, query_bias: bool = False,
                  **kwargs):
-        super().__init__(trainable=learned_weights or (query_bias and pooling == "mean"), **kwargs)
+        learned_bias = bool(query_bias) and pooling == "mean"  # the product side of the bias is a constant 1
+        super().__init__(trainable=learned_weights or learned_bias, **kwargs)
         if dim < 1:
             raise ValueError(f"TermChannel dim must be at least 1, got {dim}")
         if pooling not in POOLINGS:
@@ -140,7 +141,6 @@ class TermChannel(tf.keras.layers.Layer):
             name="word_weights", shape=(WEIGHT_BUCKETS,), dtype=tf.float32,
             initializer=tf.keras.initializers.Constant(float(np.log(np.expm1(1.0))) / WEIGHT_RATE)) if learned_weights else None
         self.query_bias = bool(query_bias)
-        learned_bias = self.query_bias and pooling == "mean"
         self.bias_weights = self.add_weight(name="bias_weights", shape=(WEIGHT_BUCKETS,), dtype=tf.float32,
                                             initializer="zeros") if learned_bias else None
         self.length_weight = self.add_weight(name="length_weight", shape=(), dtype=tf.float32,
@@ -172,22 +172,23 @@ class TermChannel(tf.keras.layers.Layer):
         with learned weights) or sum of their e_w (`[B, K + 1]` with the query bias's entry)."""
         vectors = self.word_vectors(hashes.flat_values)
         rows = hashes.value_rowids()
+        learned = self.word_weights is not None or self.bias_weights is not None
+        buckets = tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS) if learned else None  # the tables' rows
         u = None
         if self.word_weights is not None:
-            u = tf.nn.softplus(WEIGHT_RATE * tf.gather(self.word_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS)))
+            u = tf.nn.softplus(WEIGHT_RATE * tf.gather(self.word_weights, buckets))
             vectors *= u[:, tf.newaxis]
         pooled = tf.math.unsorted_segment_sum(vectors, rows, hashes.nrows())
         if self.pooling == "mean":  # the words' count, or their summed weights
-            counts = tf.cast(hashes.row_lengths(), tf.float32) if u is None else \
-                tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
+            n = tf.cast(hashes.row_lengths(), tf.float32)  # also the query bias's (mean pooling only)
+            counts = n if u is None else tf.math.unsorted_segment_sum(u, rows, hashes.nrows())
             pooled = tf.math.divide_no_nan(pooled, counts[:, tf.newaxis])
         pooled *= np.float32(np.sqrt(self.weight))
         if not self.query_bias:
             return pooled
         if self.bias_weights is None:  # the product side: 1
             return tf.concat([pooled, tf.ones_like(pooled[:, :1])], axis=-1)
-        n = tf.cast(hashes.row_lengths(), tf.float32)
-        r = tf.gather(self.bias_weights, tf.math.floormod(hashes.flat_values, WEIGHT_BUCKETS))
+        r = tf.gather(self.bias_weights, buckets)
         mean_r = tf.math.divide_no_nan(tf.math.unsorted_segment_sum(r, rows, hashes.nrows()), n)
         bias = mean_r + self.length_weight * tf.math.log1p(n)
         return tf.concat([pooled, bias[:, tf.newaxis]], axis=-1)
