@@ -271,21 +271,29 @@ def _rows_to_batch(rows: list[dict | None], first_row: int, problems: list[RowPr
         for key in record or ():
             if key not in names:
                 names.append(key)
-    arrays = []
-    for name in names:
-        values = []
-        for i, record in enumerate(rows):
-            value = None if record is None else record.get(name)
-            if value is not None and not _cell_kind_ok(name, value):
-                problems.append(RowProblem(first_row + i, name, f"expected {_expected_kind(name)}, got {type(value).__name__} {_preview(value)}"))
-                value = None
-            values.append(value)
-        arrays.append(_to_arrow(name, values, first_row, problems))
+    arrays = [cells_to_array(name, [None if record is None else record.get(name) for record in rows], first_row, problems)
+              for name in names]
     if not names:  # no readable row: keep the row count so problems line up
         names, arrays = [UNREADABLE_ROW], [pa.nulls(len(rows))]
     batch = pa.RecordBatch.from_arrays(arrays, names=names)
     problems.sort(key=lambda p: p.row)
     return RawBatch(batch, first_row, problems)
+
+
+def cells_to_array(name: str, cells: list, first_row: int, problems: list[RowProblem]) -> pa.Array:
+    """One column from Python values (None: missing); a value of the wrong kind becomes null plus a problem.
+
+    The kinds: a list of numbers for `product_image_embedding`, a number for
+    `engaged` and `relevance`, a string or an integer for `product_id`, a
+    string for every other column.
+    """
+    values = []
+    for i, value in enumerate(cells):
+        if value is not None and not _cell_kind_ok(name, value):
+            problems.append(RowProblem(first_row + i, name, f"expected {_expected_kind(name)}, got {type(value).__name__} {_preview(value)}"))
+            value = None
+        values.append(value)
+    return _to_arrow(name, values, first_row, problems)
 
 
 def _expected_kind(name: str) -> str:

@@ -42,7 +42,7 @@ import tensorflow as tf
 from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format, parquet_row_groups
 from tf_q2e.data.products import ProductReference
-from tf_q2e.data.validate import Validator, dataset_files
+from tf_q2e.data.validate import Validator, split_file
 from tf_q2e.errors import DataError
 
 
@@ -251,8 +251,6 @@ def dataset_from_dir(
 
     `dataset_kwargs` go to `ImpressionPipeline.dataset` (shuffle_buffer, seed, input_context).
     """
-    catalog, splits = dataset_files(data_dir)
-    if split not in splits:
-        raise DataError(f"{data_dir}: no {S.SPLIT_FILES.get(split, split)} (splits found: {', '.join(splits)})")
-    pipeline = ImpressionPipeline([splits[split]], catalog, on_bad_rows, with_relevance=with_relevance)
+    catalog, path = split_file(data_dir, split)
+    pipeline = ImpressionPipeline([path], catalog, on_bad_rows, with_relevance=with_relevance)
     return pipeline.dataset(batch_size, training, **dataset_kwargs)

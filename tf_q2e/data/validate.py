@@ -122,18 +122,42 @@ class Validator:
 
     def iter_file(self, path: str, kind: str, report: FileReport | None = None, **read_kwargs) -> Iterator[pa.Table]:
         """Yields canonical tables of the good rows of `path`, filling `report`."""
-        report = report if report is not None else FileReport(path, kind)
+        yield from self.iter_batches(read_batches(path, **read_kwargs), path, kind, report)
+
+    def iter_batches(
+        self,
+        batches: Iterable[RawBatch],
+        source: str,
+        kind: str,
+        report: FileReport | None = None,
+        quarantine: bool = True,
+    ) -> Iterator[pa.Table]:
+        """Yields canonical tables of the good rows of raw batches, filling `report`.
+
+        The entry point for rows that are not in a file (a pandas DataFrame,
+        see `frames.py`); `iter_file` feeds it a file's batches.
+
+        Args:
+          batches: the `RawBatch`es of one source, in row order.
+          source: names the rows in problems (`<source>: row 3, column query: ...`),
+            e.g. a file path or "DataFrame".
+          kind: "catalog" or "impressions".
+          report: filled with counts and problems (a new one if None).
+          quarantine: with `on_bad_rows="skip"`, write the dropped rows to
+            `<source>.quarantine.jsonl` (in `quarantine_dir`, else beside the file).
+        """
+        report = report if report is not None else FileReport(source, kind)
         if kind == "catalog" and self.products.frozen:
             raise ValueError("this Validator has read its catalogue already; use a new one for another data set")
         repeated_before = self.repeated_catalog_rows
-        quarantine = None
+        quarantine_file = None
         first = True
         try:
-            for raw in read_batches(path, **read_kwargs):
+            for raw in batches:
                 if first:
-                    self._check_columns(path, kind, raw.data.schema, report)
+                    self._check_columns(source, kind, raw.data.schema, report)
                     first = False
-                table, problems, bad = self.convert(raw, path, kind)
+                table, problems, bad = self.convert(raw, source, kind)
                 report.rows_read += raw.data.num_rows
                 report.rows_kept += table.num_rows
                 self._count_labels(table, report)
@@ -143,15 +167,15 @@ class Validator:
                     report.problems.extend(problems[: max(room, 0)])
                     if self.on_bad_rows == "error":
                         raise bad_rows_error(problems, report.problem_count)
-                    if self.on_bad_rows == "skip":
-                        if quarantine is None:
-                            quarantine = self._open_quarantine(path, report)
-                        _write_quarantine(quarantine, raw, bad, problems)
+                    if self.on_bad_rows == "skip" and quarantine:
+                        if quarantine_file is None:
+                            quarantine_file = self._open_quarantine(source, report)
+                        _write_quarantine(quarantine_file, raw, bad, problems)
                 if table.num_rows:
                     yield table
         finally:
-            if quarantine is not None:
-                quarantine.close()
+            if quarantine_file is not None:
+                quarantine_file.close()
         if kind == "catalog":
             self.products.frozen = True
             repeated = self.repeated_catalog_rows - repeated_before
@@ -392,6 +416,14 @@ def dataset_files(data_dir: str) -> tuple[str, dict[str, str]]:
     if "train" not in splits:
         raise DataError(f"{data_dir}: no {S.SPLIT_FILES['train']}")
     return catalog, splits
+
+
+def split_file(data_dir: str, split: str) -> tuple[str, str]:
+    """The catalogue path and the path of one split (`train`, `validation`, `test`) of a data set directory."""
+    catalog, splits = dataset_files(data_dir)
+    if split not in splits:
+        raise DataError(f"{data_dir}: no {S.SPLIT_FILES.get(split, split)} (splits found: {', '.join(splits)})")
+    return catalog, splits[split]
 
 
 def _find(data_dir: str, stem: str) -> str | None:
