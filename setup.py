@@ -24,6 +24,7 @@ setup(
     install_requires=STACK + [
         "numpy>=1.26",
         "pyarrow>=14.0.1",  # 14.0.0 and older unpickle Parquet extension types (CVE-2023-47248)
+        "pandas>=2",        # the data API takes DataFrames (tf_q2e.data.from_pandas)
         "pyyaml>=6",
         "bm25s>=0.3,<0.4",   # the BM25 baseline (q2e compare --bm25)
         "PyStemmer>=3",      # its English Snowball stemmer
