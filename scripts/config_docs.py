@@ -176,8 +176,17 @@ def default_value(f: dataclasses.Field) -> str:
 
 def _yaml(value: Any) -> str:
     """`value` as one line of YAML (what a config file would hold)."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False, width=10_000).strip()
     return text.removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """`value` with tuples as lists and mappings as dicts, which YAML's safe dumper can write."""
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _sentence(text: str | None) -> str | None:

@@ -57,9 +57,11 @@ class _Inner:
       documented: a field with its entry,
         over two lines.
       removed: an entry whose field is gone.
+      kinds: a tuple.
     """
 
     documented: Literal["a", "b"] | None = "a"
+    kinds: tuple[str, ...] = ("x", "y")
     forgotten: dict[str, float] = field(default_factory=lambda: {"x": 0.5})
 
 
@@ -81,6 +83,7 @@ def test_the_page_takes_types_defaults_choices_and_text_from_the_dataclass():
     assert "Type: one of `a`, `b` or `null`. Default: `a`." in page
     assert "A field with its entry, over two lines." in page
     assert "Type: mapping of string to number. Default: `{x: 0.5}`." in page
+    assert "Type: list of string. Default: `[x, y]`." in page
     assert config_docs.UNDOCUMENTED in page
 
 
