@@ -111,7 +111,6 @@ from tf_q2e.judged import load_judged, split_path  # noqa: E402
 from tf_q2e.metrics import mean_defined, per_query_auc, roc_auc  # noqa: E402
 from tf_q2e.optimizers import make_optimizer  # noqa: E402
 from tf_q2e.retrievers import dense_retriever_for_run  # noqa: E402
-from tf_q2e.tasks import BIAS_RATE  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 
@@ -357,7 +356,7 @@ def print_query_bias(terms: Terms, model, train: Pairs, validation: Pairs, test:
     """Pooled AUC of score + b_q, a learned bias of each query (`model.query_bias`), fitted by the BCE
     on the labelled training pairs with the towers frozen, as training would: the package's lazy Adam
     at the run's learning rate, batches of `batch_size` pairs (about the labelled rows of a Home Depot
-    training batch), the BCE's scale and a learned bias b at `tasks.BIAS_RATE`; for the term table r
+    training batch), the BCE's scale and a learned bias b at `model.engagement_bias_lr_multiplier`; for the term table r
     at the towers' rate and at 10x (the word weights' rate), and for the length weight a alone."""
     ids = {s: query_term_ids(terms, list(p.texts)) for s, p in (("train", train), ("validation", validation),
                                                                 ("test", test))}
@@ -381,7 +380,7 @@ def print_query_bias(terms: Terms, model, train: Pairs, validation: Pairs, test:
         @tf.function
         def step(ids, score, y):
             with tf.GradientTape() as tape:
-                logits = scale * (score + query_bias(ids, r, a, rate)) + BIAS_RATE * b
+                logits = scale * (score + query_bias(ids, r, a, rate)) + model.engagement.bias_lr_multiplier * b
                 loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits))
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
 

@@ -494,11 +494,13 @@ def _products(n: int = 1, image: tf.Tensor | None = None) -> dict[str, tf.Tensor
 
 
 def _assert_results(outputs: dict, rows: int, k: int) -> None:
-    assert set(outputs) == {"product_ids", "scores", "product_titles"}
+    assert set(outputs) == {"product_ids", "scores", "product_titles", "engagement_probability"}
     for name, tensor in outputs.items():
         assert tuple(tensor.shape) == (rows, k), f"{name} has shape {tensor.shape}, not {(rows, k)}"
     scores = outputs["scores"].numpy()
     assert np.isfinite(scores).all() and np.all(np.abs(scores) <= 1.0 + 1e-5)
+    probability = outputs["engagement_probability"].numpy()
+    assert np.all((0 <= probability) & (probability <= 1))
 
 
 # --------------------------------------------------------------------------- exported signatures, in process
@@ -537,6 +539,8 @@ def test_signature_empty_batch_gives_empty_outputs(stock, exported, signature):
         _assert_results(outputs, 0, k)
     else:
         assert tuple(outputs["embedding"].shape) == (0, EMBEDDING_DIM)
+        if signature == "query_encoder":
+            assert tuple(outputs["query_bias"].shape) == (0,)
 
 
 def test_signature_empty_batch_scann_retrieval_gives_b_by_k(scann_model, stock, exported):
@@ -545,7 +549,7 @@ def test_signature_empty_batch_scann_retrieval_gives_b_by_k(scann_model, stock, 
     _assert_results(scann_model.signatures["retrieval"](query=empty, query_country=empty), 0, k)
     for function in (scann_model.signatures["retrieval"], stock.signatures["retrieval_exact"]):  # declared [None, K]
         assert {name: spec.shape.as_list() for name, spec in function.structured_outputs.items()} == {
-            name: [None, k] for name in ("product_ids", "scores", "product_titles")}
+            name: [None, k] for name in ("product_ids", "scores", "product_titles", "engagement_probability")}
 
 
 @pytest.mark.parametrize("model", ["stock", "scann"])
@@ -621,7 +625,7 @@ def _grpc_answered(server, inputs: dict, k: int, rows: int = 1, **kwargs) -> Non
     response = raw_predict(server, inputs, **kwargs)
     assert time.perf_counter() - start < 5.0
     outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
-    assert {name: array.shape for name, array in outputs.items()} == {n: (rows, k) for n in ("product_ids", "scores", "product_titles")}
+    assert {name: array.shape for name, array in outputs.items()} == {n: (rows, k) for n in ("product_ids", "scores", "product_titles", "engagement_probability")}
     assert np.isfinite(outputs["scores"]).all()
 
 

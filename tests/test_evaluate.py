@@ -80,18 +80,24 @@ def test_q2e_evaluate_writes_the_report_and_plots(run, capsys):
     out = capsys.readouterr().out
     assert "recall@100" in out and "in_batch_recall@1" in out
     eval_dir = os.path.join(run_dir, "eval")
-    assert sorted(os.listdir(eval_dir)) == ["recall_at_k.png", "report.json", "report.md", "score_histograms.png"]
+    assert sorted(os.listdir(eval_dir)) == ["recall_at_k.png", "reliability.png", "report.json", "report.md",
+                                            "score_histograms.png"]
     with open(os.path.join(eval_dir, "report.json")) as f:
         report = json.load(f)
     m = report["metrics"]
     for name in ("recall@10", "recall@100", "recall@1000", "mrr", "engagement_auc_pooled", "engagement_auc_per_query",
-                 "ndcg@10", "relevance_auc", "in_batch_recall@1"):
+                 "engagement_ece", "ndcg@10", "relevance_auc", "in_batch_recall@1"):
         low, high = m[name]["ci95"]
         assert low <= m[name]["mean"] <= high, name
     # 300 products: the top 1000 is the whole catalogue, so every engaged product is found.
     assert m["recall@1000"]["mean"] == 1.0
     assert m["recall@10"]["mean"] <= m["recall@100"]["mean"] <= 1.0
     assert report["split"] == "test" and report["queries_with_engaged"] > 0
+    # Calibration of the engagement probability: ECE over the reliability curve's bins of the labelled pairs.
+    curve = report["reliability"]
+    assert sum(curve["count"]) == m["engagement_ece"]["pairs"] == m["engagement_auc_pooled"]["pairs"]
+    ece = sum(c * abs(o - p) for c, o, p in zip(curve["count"], curve["observed"], curve["mean_predicted"]) if c)
+    assert m["engagement_ece"]["mean"] == pytest.approx(ece / sum(curve["count"]))
     with open(os.path.join(eval_dir, "recall_at_k.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -109,7 +115,7 @@ def test_a_validation_report_goes_beside_the_test_report(run, capsys):
     assert reports["eval"]["queries"] != reports["eval-validation"]["queries"]
 
 
-def test_dense_scores_are_the_towers_cosines(run):
+def test_dense_scores_are_the_towers_cosines_and_probabilities_the_engagement_tasks(run):
     from tf_q2e.retrievers import dense_retriever_for_run
 
     run_dir, data = run
@@ -118,9 +124,12 @@ def test_dense_scores_are_the_towers_cosines(run):
     scores = retriever.score_pairs(judged)
     assert np.all(np.abs(scores) <= 1.0 + 1e-5)
     ranked = retriever.search(judged, 5)
-    q = retriever.query_vectors(judged)
+    q, bias = retriever.query_vectors(judged)
+    np.testing.assert_array_equal(bias, 0.0)  # no query bias in this model
     best = retriever.product_ids[np.argmax(q @ retriever.vectors.T, axis=1)]
     assert list(ranked[:, 0]) == list(best)
+    expected = 1 / (1 + np.exp(-model.engagement.scale * scores))  # σ(s·cos), the paper's form: no bias
+    np.testing.assert_allclose(retriever.engagement_probabilities(judged), expected, rtol=1e-4)
     per_batch = retriever.in_batch_recall_at_1(judged, 32)
     assert len(per_batch) == len(judged.row_query) // 32 and np.all((0 <= per_batch) & (per_batch <= 1))
 

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+import tf_q2e.metrics as M
+
 from tf_q2e.metrics import (
     bootstrap_ci,
     bootstrap_grouped,
@@ -375,3 +377,30 @@ def test_summary_counts_defined_queries_and_is_json_ready():
 def test_summary_with_no_defined_query():
     assert summary([np.nan, np.nan]) == {"mean": None, "ci95": [None, None], "queries": 0}
     json.dumps(summary([]), allow_nan=False)
+
+
+def test_reliability_curve_and_ece_docstring_example():
+    p, y = [0.1, 0.2, 0.9], [0, 1, 1]
+    curve = M.reliability_curve(p, y, bins=2)
+    assert curve["count"] == [2, 1]
+    np.testing.assert_allclose(curve["mean_predicted"], [0.15, 0.9])
+    np.testing.assert_allclose(curve["observed"], [0.5, 1.0])
+    assert M.expected_calibration_error(p, y, bins=2) == pytest.approx((2 / 3) * 0.35 + (1 / 3) * 0.1)
+
+
+def test_ece_is_zero_when_each_bin_predicts_its_observed_rate_and_large_when_inverted():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(int)  # calibrated by construction
+    assert M.expected_calibration_error(p, y) < 0.02
+    assert M.expected_calibration_error(1 - p, y) > 0.3
+    curve = M.reliability_curve([1.0, 0.0], [1, 0], bins=4)  # p = 1 falls in the last bin
+    assert curve["count"] == [1, 0, 0, 1] and curve["observed"][1] is None
+
+
+def test_calibration_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        M.reliability_curve([1.5], [1])
+    with pytest.raises(ValueError, match="rows"):
+        M.expected_calibration_error([0.5, 0.5], [1])
+    assert np.isnan(M.expected_calibration_error([], []))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_q2e.tasks import BIAS_RATE, EngagementBCE, ScaledSoftmaxRetrieval
+from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_engagement_bce_learned_bias_shifts_logits_and_gets_a_gradient(vectors):
     layer = EngagementBCE(20.0, learned_bias=True)
     engaged = tf.constant([1, 0, 0, 0])
     layer(q, d, engaged)
-    layer.bias.assign(-3.0 / BIAS_RATE)  # b = BIAS_RATE · the variable
+    layer.bias.assign(-3.0 / layer.bias_lr_multiplier)  # b = m · the variable
     expected, _ = _bce_reference(q, d, engaged.numpy(), 20.0, bias=-3.0)
     with tf.GradientTape() as tape:
         out = layer(q, d, engaged)

@@ -16,7 +16,7 @@ from tf_q2e.config import ConfigError, load_config
 from tf_q2e.data.synth import generate
 from tf_q2e.export import export_run
 from tf_q2e.index import build_index, exact_top_k, load_index
-from tf_q2e.terms import WEIGHT_BUCKETS, WEIGHT_RATE, TermChannel, light_stem
+from tf_q2e.terms import WEIGHT_BUCKETS, TermChannel, light_stem
 from tf_q2e.train import build_model, load_model, train
 
 
@@ -70,25 +70,24 @@ def test_bad_channel_settings_are_refused():
         load_config(None, ["model.term_weight=0"])
 
 
-def test_the_tasks_see_the_channel_only_with_term_in_training():
+def test_the_contrastive_task_trains_on_the_cosine_alone():
     batch = {"query": tf.constant(["red sofa", "oak lamp", "blue rug"]), "query_country": tf.constant(["US"] * 3),
              "product_id": tf.constant(["a", "b", "c"]), "product_title": tf.constant(["red sofa", "oak lamp", "rug"]),
              "product_description": tf.constant(["", "", ""]), "product_category": tf.constant(["x", "y", "z"]),
              "engaged": tf.constant([1, 0, 1])}
-    for in_training in (False, True):
-        config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1", f"model.term_in_training={in_training}"])
-        model = build_model(config, 0, ("query_country",))
-        q, p = model(batch)
-        ctr, bce = model.task_losses(batch)
-        d = None if in_training else config.model.embedding_dim
-        expected = model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"])
-        np.testing.assert_allclose(ctr.numpy(), expected.loss.numpy(), rtol=1e-5)
-        np.testing.assert_allclose(bce.numpy(), model.engagement(q[:, :d], p[:, :d], batch["engaged"]).loss.numpy(),
-                                   rtol=1e-5)
-        assert q.shape[1] == config.model.embedding_dim + 64  # the towers carry the channel at use either way
-        # ... and in training only when the tasks see it (otherwise it is not computed at all).
-        trained = model.query_tower(batch, training=True).shape[1]
-        assert trained == config.model.embedding_dim + (64 if in_training else 0)
+    config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1"])
+    model = build_model(config, 0, ("query_country",))
+    q, p = model(batch)
+    ctr, bce = model.task_losses(batch)
+    d = config.model.embedding_dim
+    expected = model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"])
+    np.testing.assert_allclose(ctr.numpy(), expected.loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bce.numpy(), model.engagement(q[:, :d], p[:, :d], batch["engaged"]).loss.numpy(), rtol=1e-5)
+    assert q.shape[1] == d + 64  # the towers carry the channel at use
+    # ... and in training only when the engagement task learns a part of it (not computed otherwise).
+    assert model.query_tower(batch, training=True).shape[1] == d
+    with pytest.raises(ConfigError, match="model.term_in_training was removed"):
+        load_config(None, ["model.term_in_training=true"])
 
 
 def test_learned_word_weights_make_the_coverage_a_weighted_share():
@@ -98,7 +97,7 @@ def test_learned_word_weights_make_the_coverage_a_weighted_share():
     np.testing.assert_allclose(learned(queries).numpy(), fixed(queries).numpy(), atol=1e-6)  # started at u = 1
     red, sofa = TermChannel.word_hashes(tf.constant(["red sofa"]))[0].numpy()
     table = learned.word_weights.numpy()
-    table[red % WEIGHT_BUCKETS] = np.log(np.expm1(3.0)) / WEIGHT_RATE  # u_red = 3, u_sofa = 1
+    table[red % WEIGHT_BUCKETS] = np.log(np.expm1(3.0)) / learned.weight_lr_multiplier  # u_red = 3, u_sofa = 1
     learned.word_weights.assign(table)
     q = learned(tf.constant(["red sofa"])).numpy()[0]
     p = TermChannel(4096, 0.5, "sum")(tf.constant(["red lamp"])).numpy()[0]
@@ -152,27 +151,24 @@ def test_the_engagement_task_alone_trains_the_word_weights(weight):
 
 
 def test_the_query_bias_is_a_learned_offset_of_each_query():
-    query, product = TermChannel(256, 0.5, "mean", query_bias=True), TermChannel(256, 0.5, "sum", query_bias=True)
+    query = TermChannel(256, 0.5, "mean", query_bias=True)
     queries = tf.constant(["red sofa", "grey wool rug", ""])
-    q = query(queries).numpy()
-    assert q.shape == (3, 257)
-    np.testing.assert_array_equal(q[:, -1], 0.0)  # started at 0: the plain channel
-    np.testing.assert_allclose(q[:, :-1], TermChannel(256, 0.5, "mean")(queries).numpy(), atol=1e-6)
-    p = product(tf.constant(["red lamp", ""])).numpy()
-    np.testing.assert_array_equal(p[:, -1], 1.0)  # the product side of the bias
+    q, b = query.pool_with_bias(TermChannel.word_hashes(queries))
+    assert q.shape == (3, 256) and b.shape == (3,)
+    np.testing.assert_array_equal(b.numpy(), 0.0)  # started at 0
+    np.testing.assert_allclose(q.numpy(), TermChannel(256, 0.5, "mean")(queries).numpy(), atol=1e-6)  # the plain channel
     red, sofa = TermChannel.word_hashes(tf.constant(["red sofa"]))[0].numpy()
     table = np.zeros(WEIGHT_BUCKETS, np.float32)
     table[red % WEIGHT_BUCKETS], table[sofa % WEIGHT_BUCKETS] = 0.3, -0.1
     query.bias_weights.assign(table)
     query.length_weight.assign(0.05)
-    b = query(queries).numpy()[:, -1]
+    q2, b = query.pool_with_bias(TermChannel.word_hashes(queries))
     # b_q = the mean of the words' r + a log(1 + n); unseen words have r = 0; no words: 0.
     expected = [(0.3 - 0.1) / 2 + 0.05 * np.log(3), 0.05 * np.log(4), 0.0]
-    np.testing.assert_allclose(b, expected, rtol=1e-5)
-    # Every product of a query gains the same b_q: no ranking changes.
-    products = product(tf.constant(["red sofa", "blue rug", "oak lamp"])).numpy()
-    with_bias, without = query(queries).numpy() @ products.T, q @ products.T  # q: the bias at 0
-    np.testing.assert_allclose(with_bias - without, np.repeat(np.array(expected)[:, None], 3, axis=1), atol=1e-5)
+    np.testing.assert_allclose(b.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(q2.numpy(), q.numpy())  # the vector does not carry it: no ranking changes
+    with pytest.raises(ValueError, match="mean pooling only"):
+        TermChannel(8, 1.0, "sum", query_bias=True)
     with pytest.raises(ConfigError, match="model.query_bias"):
         load_config(None, ["model.query_bias=true"])
 
@@ -181,11 +177,12 @@ def test_the_query_bias_is_a_learned_offset_of_each_query():
 def test_the_engagement_task_alone_trains_the_query_bias(weight):
     batch, config, model = _tiny_model(weight, ["model.query_bias=true", "model.engagement_bias=learned"])
     d = config.model.embedding_dim
-    assert model.query_tower(batch, training=True).shape[1] == d + 65  # the bias's entry computed in training for the BCE
+    assert model.query_tower(batch, training=True).shape[1] == d + 64  # computed in training for the BCE
     q, p = model(batch)
-    assert p.shape[1] == d + 65
+    assert p.shape[1] == d + 64  # vectors are D + K; the bias is the query tower's second output
+    _, b = model.query_tower(batch, return_bias=True)
     ctr, bce = model.task_losses(batch)
-    np.testing.assert_allclose(bce.numpy(), model.engagement(q, p, batch["engaged"]).loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bce.numpy(), model.engagement(q, p, batch["engaged"], query_bias=b).loss.numpy(), rtol=1e-5)
     np.testing.assert_allclose(ctr.numpy(), model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"]).loss.numpy(),
                                rtol=1e-5)
     channel = model.query_tower.term_channel
@@ -212,36 +209,43 @@ def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weight
     model = load_model(run)
     dim = config.model.embedding_dim
     queries = {"query": tf.constant(["red sofa", "oak desk lamps"]), "query_country": tf.constant(["US", "US"])}
-    vectors = model.query_tower(queries).numpy()
-    assert vectors.shape == (2, dim + 32 + bias)
+    vectors, biases = (x.numpy() for x in model.query_tower(queries, return_bias=True))
+    assert vectors.shape == (2, dim + 32) and biases.shape == (2,)
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :dim], axis=1), 1.0, rtol=1e-5)  # the towers' unit part
     channel = TermChannel(32, 0.5, "mean")(queries["query"]).numpy()
     if weights == "fixed":
         np.testing.assert_allclose(vectors[:, dim:], channel, atol=1e-6)
     else:  # the trained word weights moved the query's channel away from the plain mean
-        assert np.abs(vectors[:, dim:dim + 32] - channel).max() > 1e-4
+        assert np.abs(vectors[:, dim:] - channel).max() > 1e-4
     if bias:  # trained away from 0
-        assert np.abs(vectors[:, -1]).min() > 1e-4
+        assert np.abs(biases).min() > 1e-4
+    else:
+        np.testing.assert_array_equal(biases, 0.0)
     # The input pipeline's featurized form (channel computed beside the step) gives the same vectors.
     np.testing.assert_allclose(model.query_tower(model.featurize(queries)).numpy(), vectors, atol=1e-5)
     products = {"product_title": tf.constant(["Red Sofa"]), "product_description": tf.constant(["with lamps"]),
                 "product_category": tf.constant(["sofa"])}
     p = model.product_tower(products).numpy()
-    np.testing.assert_allclose(p[:, dim:dim + 32], TermChannel(32, 0.5, "sum")(tf.constant(["Red Sofa with lamps"])).numpy(),
+    assert p.shape == (1, dim + 32)
+    np.testing.assert_allclose(p[:, dim:], TermChannel(32, 0.5, "sum")(tf.constant(["Red Sofa with lamps"])).numpy(),
                                atol=1e-6)
-    np.testing.assert_array_equal(p[:, dim + 32:], 1.0 if bias else np.zeros((1, 0)))
     np.testing.assert_allclose(model.product_tower(model.featurize(products)).numpy(), p, atol=1e-5)
 
     build_index(run, log=lambda _: None)
     index = load_index(run)
-    assert index.vectors.shape[1] == dim + 32 + bias
+    assert index.vectors.shape[1] == dim + 32
     base = str(tmp_path / "serving")
     result = export_run(run, base, "q2e", log=lambda _: None)
     stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))
-    np.testing.assert_allclose(stock.signatures["query_encoder"](**queries)["embedding"].numpy(), vectors, atol=1e-5)
+    encoded = stock.signatures["query_encoder"](**queries)
+    np.testing.assert_allclose(encoded["embedding"].numpy(), vectors, atol=1e-5)
+    np.testing.assert_allclose(encoded["query_bias"].numpy(), biases, atol=1e-5)
     exact = stock.signatures["retrieval_exact"](**queries)
     scores, rows = exact_top_k(index.vectors, vectors, result["k"])
     assert [[x.decode() for x in row] for row in exact["product_ids"].numpy()] == index.product_ids[rows].tolist()
+    # The engagement probability: the engagement task's σ(s_e·(score + b_q) + b) of each returned product.
+    expected = model.engagement.probability(tf.constant(scores + biases[:, None])).numpy()
+    np.testing.assert_allclose(exact["engagement_probability"].numpy(), expected, atol=1e-5)
     # Stock TensorFlow alone (no tf_q2e, no ScaNN, no TF_USE_LEGACY_KERAS) serves the channel.
     script = f"""
 import os, sys, json

@@ -55,7 +55,7 @@ def test_unknown_pooling_is_refused():
 def test_a_model_with_learned_ngram_weights_trains_and_reloads(tmp_path):
     data = str(tmp_path / "data")
     generate(data, products=150, impressions=2000, seed=2, image_dim=0)
-    config = load_config(None, SMALL + ["model.text_pooling=weighted", "model.share_text_tables=true", "train.epochs=1",
+    config = load_config(None, SMALL + ["model.text_pooling=weighted", "model.text_sharing=tables", "train.epochs=1",
                                         "train.cache=none"])
     run = str(tmp_path / "run")
     history = train(config, data, run, verbose=0)

@@ -137,7 +137,7 @@ def test_engagement_auc_ranks_cosines_that_the_bce_sigmoid_saturates():
     queries = np.zeros((7, 2), np.float32)
     queries[:, 0] = 1.0
     products = np.stack([cosines, np.sqrt(1 - cosines**2)], axis=1)
-    model.call = lambda features, training=None: (tf.constant(queries), tf.constant(products))
+    model.encode = lambda features, training=None: (tf.constant(queries), tf.zeros([7]), tf.constant(products))
     model.compute_loss({"product_id": tf.constant([f"P{i}" for i in range(7)]), "engaged": tf.constant(engaged)})
     assert model.engagement_auc.result().numpy() == pytest.approx(1.0)
     model.engagement_auc.reset_state()
@@ -249,7 +249,7 @@ def test_xla_switch_compiles_the_dense_parts_with_the_same_loss_and_gradients(da
 
 
 def test_shared_text_encoder_is_one_siamese_text_path():
-    model = build_model(load_config(None, SMALL + ["model.share_text_encoder=true"]), 4, ())
+    model = build_model(load_config(None, SMALL + ["model.text_sharing=encoder"]), 4, ())
     shared = model.query_tower.encoders["query_text"]
     assert shared is model.product_tower.encoders["title"] is model.product_tower.encoders["description"]
     separate = build_model(load_config(None, SMALL), 4, ())

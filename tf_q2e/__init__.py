@@ -1,5 +1,27 @@
 """tf_q2e: Que2Engage two-tower product search with TensorFlow Recommenders.
 
+The public API (each name imported on first use, so `import tf_q2e` stays fast):
+
+    config       Config, load_config(path=None, overrides=())
+    data         tf_q2e.data.from_pandas(df), from_files(paths), from_dir(dir, split)
+                 -> validated tf.data.Dataset of impression rows; FeatureSchema
+    model        build_model(config, dataset_or_schema) -> Que2EngageModel (variables created);
+                 QueryTower, ProductTower, ScaledSoftmaxRetrieval, EngagementBCE;
+                 SparseAdam (lazy Adam for the hashed tables), EarlyStopping (falls back to
+                 val_recall_at_1 when the engagement metrics are NaN: a click-only log)
+    saving       save(model, dir), load(dir)
+    search       Retriever.from_model / from_run / from_saved_model; .search(texts, k) -> Hit lists
+    serving      export(retriever, base_dir): SavedModels in TensorFlow Serving's layout
+
+Example (a user's own training script: examples/fit.py):
+    import tf_q2e
+    cfg = tf_q2e.load_config("configs/default.yaml")
+    train = tf_q2e.data.from_dir("data", split="train")
+    model = tf_q2e.build_model(cfg, train)
+    model.compile(optimizer=tf_q2e.SparseAdam(cfg.train.learning_rate))
+    model.fit(train.shuffle(100_000).batch(768, drop_remainder=True), epochs=2)
+    tf_q2e.Retriever.from_model(model, "data/catalog.parquet").search(["grey jute rug"], k=5)
+
 Importing this package makes TensorFlow use Keras 2 (`tf-keras`), which
 TensorFlow Recommenders needs: it sets `TF_USE_LEGACY_KERAS=1` before
 TensorFlow is first imported. It does not import TensorFlow itself, so the data
@@ -47,3 +69,44 @@ def _ensure_legacy_keras() -> None:
 
 
 _ensure_legacy_keras()
+
+
+# name -> module of the public API, imported on first access (PEP 562).
+_PUBLIC = {
+    "Config": "tf_q2e.config",
+    "load_config": "tf_q2e.config",
+    "Que2EngageModel": "tf_q2e.model",
+    "build_model": "tf_q2e.model",
+    "QueryTower": "tf_q2e.towers",
+    "ProductTower": "tf_q2e.towers",
+    "ScaledSoftmaxRetrieval": "tf_q2e.tasks",
+    "EngagementBCE": "tf_q2e.tasks",
+    "SparseAdam": "tf_q2e.optimizers",
+    "EarlyStopping": "tf_q2e.callbacks",
+    "save": "tf_q2e.saving",
+    "load": "tf_q2e.saving",
+    "Retriever": "tf_q2e.search",
+    "Hit": "tf_q2e.search",
+    "export": "tf_q2e.export",
+}
+
+__all__ = ["__version__", "data", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name == "data":
+        import importlib
+
+        return importlib.import_module("tf_q2e.data")
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tf_q2e' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

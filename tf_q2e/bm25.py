@@ -9,20 +9,16 @@ two questions the evaluator asks a retrieval model:
 * `score_pairs(queries, product_ids)` -> the score of each judged
   (query, product) pair (ROC AUC, NDCG over judged pairs).
 
-It is the lexical bar the dense two-tower models must beat on Home Depot: BM25
-with a light stemmer reached Recall@100 of about 0.76 on a similar split. This
-index with its defaults gives Recall@100 = 0.752 on the test split of
-`q2e prepare --dataset homedepot` (titles only; 991 test queries with an
-engaged product; 54,667 products indexed in about 1.5 s, the 1,209 test
-queries searched in about 0.15 s on 2 CPUs).
+It is the lexical bar the dense two-tower models must beat
+(`q2e compare --bm25`; its figures are in `benchmarks/RESULTS.md`).
 
 Text analysis (the same for products and queries):
 
 * lower-cased and split into runs of word characters (`\\b\\w+\\b`, as
   Lucene's standard tokenizer roughly does: "1/2 in. x 4 ft." gives "1", "2",
   "x", "4", "ft"; "2x4" stays one token). bm25s's own default, `\\b\\w\\w+\\b`,
-  drops single letters and digits, which costs 1.3 points of Recall@100 on
-  Home Depot (0.739);
+  drops single letters and digits, which matter in product search (sizes,
+  model numbers);
 * English stop words removed (the 33-word Lucene/NLTK set of `bm25s`:
   "a", "the", "for", "with", "in", ...);
 * stemmed with the Snowball English stemmer of PyStemmer
@@ -32,7 +28,7 @@ A product's text is its title, description and category joined with spaces;
 `title_weight=n` repeats the title n times (a cheap field boost, default 1),
 and `fields` chooses which fields go in. On a titles-only catalogue (such as
 Home Depot's train.csv) repeating the title scales tf and every length by n,
-which is the same as dividing k1 by n (title_weight=2 there: Recall@100 0.755).
+which is the same as dividing k1 by n.
 
 Scoring: BM25 with `k1=1.2`, `b=0.75` and the "lucene" variant (idf
 `log(1 + (N - df + 0.5) / (df + 0.5))`, term part `tf / (tf + k1 (1 - b + b |d| / avgdl))`)

@@ -121,7 +121,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_bootstrap(args.bootstrap)
     report = evaluate_run(args.run, args.data, args.split, n_boot=args.bootstrap)
     print(comparison_table([report]), end="")
-    print(f"wrote {eval_dir(args.run, args.split)}: report.json, report.md, recall_at_k.png, score_histograms.png")
+    print(f"wrote {eval_dir(args.run, args.split)}: report.json, report.md, recall_at_k.png, score_histograms.png, "
+          "reliability.png")
     return 0
 
 

@@ -82,6 +82,13 @@ class FeaturesConfig:
 
 MAX_BUCKETS = 2**31 - 1  # most rows of a hashed embedding table (TextHasher's limit)
 
+# Keys of earlier versions, with what replaced them (a run directory's config.yaml may hold them).
+REMOVED_KEYS = {
+    "model.share_text_tables": "use model.text_sharing: tables (or encoder, which shares the MLP too)",
+    "model.share_text_encoder": "use model.text_sharing: encoder",
+    "model.term_in_training": "the contrastive task always trains on the cosine; delete the key",
+}
+
 MODALITIES = ("query_text", "query_context", "title", "description", "category", "image")
 
 
@@ -95,10 +102,11 @@ class ModelConfig:
       hidden_dim: hidden width of each modality's MLP.
       fusion: `attention` (Que2Search: a = softmax([φ_1‖…‖φ_N] W), f = Σ a_i φ_i)
         or `concat` (concatenate, then an MLP).
-      share_text_tables: query and product towers share their n-gram table.
-      share_text_encoder: the query text, title and description share one
-        text encoder (n-gram table and MLP): a siamese text path, so lexical
-        matching is learned once (implies share_text_tables).
+      text_sharing: what the query text, the title and the description share:
+        `none` (each has its own n-gram table and MLP), `tables` (one n-gram
+        table for all three, an MLP each) or `encoder` (one table and one MLP:
+        a siamese text path, so lexical matching is learned once). Sharing
+        helps small logs, where separate towers must learn the same matching twice.
       text_pooling: how a text's n-gram rows become one vector: `mean`, or
         `weighted` (a learned importance per n-gram bucket, softmax over the
         text's n-grams; `tf_q2e.towers.EmbeddingBag`).
@@ -106,48 +114,50 @@ class ModelConfig:
         modality vector of a row in training (Que2Engage); modalities:
         query_text, query_context, title, description, category, image.
       scale: s in s·cos(q, d) of both tasks (temperature 1/s; Que2Search: 20).
-      engagement_scale: the BCE task's own s, σ(s_e·cos); None = `scale`
+      engagement_scale: the BCE task's own s, σ(s_e·cos); null = `scale`
         (the paper). A smaller s_e keeps the BCE's gradient on every pair
         instead of only on the pairs it ranks wrong.
       engagement_weight: λ in L = L_ctr + λ·L_bce; 0 is the contrastive-only
         (Que2Search) baseline.
       engagement_bias: `none` is the paper's σ(s·cos); `learned` adds a learned
-        offset, σ(s·cos + b), so hard negatives need not have cos < 0 (b
-        learns 10x faster than the towers' variables: `tasks.BIAS_RATE`).
+        offset, σ(s·cos + b), so hard negatives need not have cos < 0.
+      engagement_bias_lr_multiplier: m in b = m·β (β the variable): under Adam
+        the bias moves m times faster than the towers' variables, so it
+        reaches the few units the BCE asks for in hundreds of steps.
       engagement_trains_tables: the BCE's gradient reaches the embedding
         tables (the paper); `false` lets only the contrastive task train the
-        tables (the n-gram, context and category embeddings) and the BCE only
-        the dense layers: on small logs the BCE otherwise learns the training
-        pairs' labels by heart in the tables (Home Depot: train AUC 0.97,
-        validation AUC falling after the first epoch).
+        per-bucket rows (the n-gram tables and their pooling importances, the
+        context and category embeddings: `Que2EngageModel.embedding_tables`)
+        and the BCE only the dense layers, so that on a small log the BCE
+        cannot learn the training pairs' labels by heart in the tables.
       term_dim: K, the size of the term channel (`tf_q2e.terms`) appended to
         both towers' vectors; 0 (default) = no channel, unit vectors. With
         it the towers' dot product is cos(q, p) + α·(query-term coverage),
-        and the vectors have embedding_dim + term_dim entries.
+        and the vectors have embedding_dim + term_dim entries. The training
+        tasks' contrastive part sees the cosine alone; the channel joins when
+        the towers are used (evaluate, index, export) and, with learned word
+        weights or a query bias, in the engagement task.
       term_weight: α, the term channel's weight in that dot product.
-      term_in_training: the training tasks score pairs with the whole dot
-        product; `false` (default) trains the towers on the cosine alone and
-        adds the channel when they are used (evaluate, index, export). On
-        Home Depot, training with it made the towers lean on it and learn less
-        matching of their own (seed 0, test Recall@100 0.761 vs 0.782 without).
       term_weights: `fixed` (default): each query word counts alike in the
         coverage; `engagement`: each query word gets a learned weight (a
         hashed table in the query tower, started at 1), trained by the
         engagement task alone, which then scores pairs with the whole dot
-        product while the contrastive task keeps the cosine (unless
-        `term_in_training`). The coverage becomes Σ w·[word in product] / Σ w:
-        which of a query's words an engaged product must hold. With λ = 0 the
-        weights stay at 1 (the same model as `fixed`). Use it with
+        product. The coverage becomes Σ w·[word in product] / Σ w: which of
+        a query's words an engaged product must hold. With λ = 0 the weights
+        stay at 1 (the same model as `fixed`). Use it with
         `engagement_bias: learned`: without a bias the BCE lowers every score
-        through the weights (Home Depot, `configs/homedepot.yaml`: pooled AUC
-        +0.0105 over contrastive-only, Recall@10 -5%).
-      query_bias: a learned bias of each query in the dot product (a hashed
-        table of per-word offsets and a weight of the query's length, in the
-        term channel: `tf_q2e.terms`), trained by the engagement task alone.
-        It moves all of a query's products alike, so no ranking changes, but
-        the score then says how likely the query's products are to be engaged
-        (the pooled engagement AUC ranks pairs across queries). Needs a term
-        channel; with λ = 0 it stays 0. The vectors get one more entry.
+        through the weights.
+      word_weight_lr_multiplier: m in u_w = softplus(m·v_w) of the learned
+        word weights: under Adam they move m times faster than the towers'
+        variables (at 1 they barely move before early stopping ends a run).
+      query_bias: a learned bias b_q of each query (a hashed table of
+        per-word offsets and a weight of the query's length,
+        `tf_q2e.terms`), trained by the engagement task alone, which scores
+        pairs with score + b_q. The query tower returns it beside its
+        vectors (`query_bias`); ranking uses the dot product alone, so no
+        ranking changes, but the engagement probability σ(s_e·(score + b_q) + b)
+        then says how likely the query's products are to be engaged. Needs a
+        term channel; with λ = 0 it stays 0.
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -159,8 +169,7 @@ class ModelConfig:
     text_embedding_dim: int = 64
     hidden_dim: int = 128
     fusion: Literal["attention", "concat"] = "attention"
-    share_text_tables: bool = False
-    share_text_encoder: bool = False
+    text_sharing: Literal["none", "tables", "encoder"] = "none"
     text_pooling: Literal["mean", "weighted"] = "mean"
     modality_dropout: dict[str, float] = field(
         default_factory=lambda: {"query_context": 0.1, "description": 0.1, "category": 0.1, "image": 0.1}
@@ -169,11 +178,12 @@ class ModelConfig:
     engagement_scale: float | None = None
     engagement_weight: float = 1.0
     engagement_bias: Literal["none", "learned"] = "none"
+    engagement_bias_lr_multiplier: float = 10.0
     engagement_trains_tables: bool = True
     term_dim: int = 0
     term_weight: float = 0.35
-    term_in_training: bool = False
     term_weights: Literal["fixed", "engagement"] = "fixed"
+    word_weight_lr_multiplier: float = 10.0
     query_bias: bool = False
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
@@ -263,15 +273,12 @@ class IndexConfig:
       anisotropic_quantization_threshold: AH: the inner product T above which
         quantization error counts most (ScaNN's recommended 0.2 for unit vectors).
         ScaNN weighs error parallel to a vector x by (d - 1) t^2 / (1 - t^2)
-        times the perpendicular error, t = T / |x|: about 5 for 0.2 on unit
-        128-d vectors, and about 5 too on the 640-d vectors of a term channel
-        (`model.term_dim` 512, `configs/homedepot.yaml`: product norms 1.8-2.8);
-        every product vector has |x| >= 1 (its unit part), so T < 1 is safe.
+        times the perpendicular error, t = T / |x|. Every product vector has
+        |x| >= 1 (its unit part, with or without a term channel), so T < 1 is safe.
       partition_avq: tree: the anisotropic weight (eta) ScaNN gives the error
         parallel to a vector when it assigns vectors to leaves and trains the
-        leaf centres (ScaNN's `tree(avq=...)`); 0 = plain k-means. 2.0 reached
-        recall@100 0.95 with fewer leaves searched on 1M 64-d vectors: 0.22 ms
-        per search instead of 0.28 (`benchmarks/RESULTS.md`).
+        leaf centres (ScaNN's `tree(avq=...)`); 0 = plain k-means. It reaches a
+        target recall with fewer leaves searched (`benchmarks/RESULTS.md`).
       reorder: candidates rescored exactly before the top k is taken;
         null = max(10 * k, 200), at most N.
       tune_queries: queries sampled by `--tune` (from the validation split).
@@ -300,6 +307,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        """The config of a mapping of sections (as `to_dict` gives), checked like a YAML file."""
+        cfg = _build(cls, raw, "")
+        _check(cfg)
+        return cfg
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -355,6 +369,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"model.term_weights ({m.term_weights}) needs a term channel: set model.term_dim (512 on Home Depot)")
     if m.query_bias and not m.term_dim:
         raise ConfigError("model.query_bias needs a term channel: set model.term_dim (512 on Home Depot)")
+    for name in ("engagement_bias_lr_multiplier", "word_weight_lr_multiplier"):
+        value = getattr(m, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.{name} ({value}) must be a positive number (10 by default; 1 = the towers' rate)")
     if not (math.isfinite(m.term_weight) and m.term_weight > 0):
         raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
     for name, p in m.modality_dropout.items():
@@ -381,6 +399,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"index.leaves_to_search ({x.leaves_to_search}) must not exceed index.num_leaves ({x.num_leaves})")
     if x.reorder is not None and x.reorder < x.k:
         raise ConfigError(f"index.reorder ({x.reorder}) must be at least index.k ({x.k}): the top k comes from the reordered candidates")
+
+
+def config_section(cls, value, prefix: str):
+    """A config section (`FeaturesConfig`, `ModelConfig`, ...) from itself or from its dict (strict keys)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return _build(cls, value, prefix)
+    raise TypeError(f"{prefix}: expected {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -476,6 +503,8 @@ def _build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if _join(prefix, str(key)) in REMOVED_KEYS:
+            raise ConfigError(f"config key {_join(prefix, str(key))} was removed: {REMOVED_KEYS[_join(prefix, str(key))]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {_join(prefix, close[0])}?" if close else f"; known fields: {', '.join(names)}"

@@ -17,6 +17,10 @@ through the same code and the same metrics:
 * relevance, where graded labels exist: NDCG@10 over each query's judged
   products with gain = grade − the scale's lowest grade, and ROC AUC of
   relevant (grade above the scale's midpoint) vs irrelevant pairs;
+* calibration of the engagement probability (dense models only: σ(s_e·(q·d
+  + b_q) + b), the engagement task's output): expected calibration error
+  `engagement_ece` over 15 equal-width bins of labelled pairs (its interval
+  resampling whole queries) and a reliability plot, `reliability.png`;
 * in-batch recall@1 (Que2Search's batch metric; dense models only): the split
   in batches of `train.global_batch_size` rows in a seeded random order, each
   row's query against the batch's products, same-product copies masked;
@@ -144,6 +148,13 @@ def evaluate(retriever, judged: Judged, ks=RECALL_KS, n_boot: int = 1000, seed: 
         rel = (grades > middle).astype(np.int32)
         m["relevance_auc"] = {**_pooled_auc(gs, rel, gq, n_boot, seed), "relevant_above": middle, "grades": [low, high]}
 
+    if hasattr(retriever, "engagement_probabilities") and labelled.any():
+        p = retriever.engagement_probabilities(judged)[labelled]
+        low, high = M.bootstrap_grouped(M.expected_calibration_error, g, p, y, n_boot=n_boot, seed=seed)
+        m["engagement_ece"] = {"mean": _finite(M.expected_calibration_error(p, y)), "ci95": [_finite(low), _finite(high)],
+                               "pairs": int(labelled.sum())}
+        report["reliability"] = M.reliability_curve(p, y)
+
     hists = {"engaged": scores[judged.engaged == 1], "hard_negative": scores[judged.engaged == 0]}
     if hasattr(retriever, "random_pair_scores"):
         hists["random"] = retriever.random_pair_scores(judged, rng)
@@ -176,11 +187,15 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     log = log or _log
     retriever, data_dir, model = dense_retriever_for_run(run_dir, data_dir, log)
     judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
+    log(f"evaluating {retriever.name} on {split}: {len(judged.queries):,} queries, {len(judged.row_query):,} judged rows, "
+        f"{len(retriever.product_ids):,} products; {n_boot} bootstrap resamples")
+    start = time.perf_counter()
     report = evaluate(retriever, judged, n_boot=n_boot, seed=seed, in_batch_size=model.config.train.global_batch_size,
                       truth=split_ground_truth(data_dir, split))
     report.update({"run": os.path.abspath(run_dir), "data": os.path.abspath(data_dir), "split": split,
                    "engagement_weight": model.config.model.engagement_weight})
     write_report(report, eval_dir(run_dir, split))
+    log(f"evaluated in {time.perf_counter() - start:.1f} s")
     return report
 
 
@@ -252,7 +267,8 @@ def public(report: dict) -> dict:
 
 
 def write_report(report: dict, out_dir: str) -> None:
-    """`report.json`, `report.md`, `recall_at_k.png` and `score_histograms.png` in `out_dir`."""
+    """`report.json`, `report.md`, `recall_at_k.png`, `score_histograms.png` and (dense models)
+    `reliability.png` in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(public(report), f, indent=2)
@@ -267,10 +283,13 @@ def write_report(report: dict, out_dir: str) -> None:
     plot_recall_curves([report], os.path.join(out_dir, "recall_at_k.png"))
     if "_histograms" in report:
         plot_histograms(report["_histograms"], report["model"], os.path.join(out_dir, "score_histograms.png"))
+    if "reliability" in report:
+        plot_reliability(report["reliability"], report["model"], report["metrics"]["engagement_ece"]["mean"],
+                         os.path.join(out_dir, "reliability.png"))
 
 
 TABLE_METRICS = ("recall@10", "recall@100", "recall@1000", "mrr", "engagement_auc_pooled", "engagement_auc_per_query",
-                 f"ndcg@{NDCG_K}", "relevance_auc", "in_batch_recall@1", f"gt_recall@{GT_RECALL_K}", f"gt_ndcg@{NDCG_K}")
+                 "engagement_ece", f"ndcg@{NDCG_K}", "relevance_auc", "in_batch_recall@1", f"gt_recall@{GT_RECALL_K}", f"gt_ndcg@{NDCG_K}")
 
 
 def comparison_table(reports: list[dict]) -> str:
@@ -323,6 +342,31 @@ def plot_histograms(histograms: dict[str, np.ndarray], model: str, path: str) ->
             ax.hist(values, bins=50, density=True, histtype="step", linewidth=1.5, label=f"{name} ({len(values)})")
     ax.set(xlabel="score", ylabel="density", title=f"Scores of {model}: engaged, hard-negative, random pairs")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(curve: dict, model: str, ece: float | None, path: str) -> None:
+    """The reliability diagram of the engagement probability: observed engaged rate per bin vs its mean
+    prediction (the diagonal is perfect calibration), with each bin's share of pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    filled = [(m, o) for m, o in zip(curve["mean_predicted"], curve["observed"]) if m is not None]
+    if filled:
+        ax.plot(*zip(*filled), marker="o", label=f"{model} (ECE {ece:.3f})" if ece is not None else model)
+    total = max(1, sum(curve["count"]))
+    edges = curve["edges"]
+    ax.bar(edges[:-1], [c / total for c in curve["count"]], width=edges[1] - edges[0], align="edge", alpha=0.2,
+           color="tab:blue", label="share of pairs")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted engagement probability", ylabel="observed engaged rate",
+           title="Reliability of the engagement probability")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

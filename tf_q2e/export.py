@@ -1,6 +1,8 @@
 """SavedModels of a trained run in TensorFlow Serving's layout.
 
-`export_run(run_dir, base)` writes one version of two models:
+`export(retriever, base)` (`tf_q2e.export`) writes one version of two models of a
+`tf_q2e.Retriever` (its model and its products); `export_run(run_dir, base)`,
+what `q2e export` runs, does it for a trained and indexed run:
 
     BASE/<name>/<version>/        stock TensorFlow ops only (serves on the stock
                                   tensorflow/serving image):
@@ -17,7 +19,8 @@ training:
 
     query_encoder:    query [B] string (+ each query_<context> [B] string)
                       -> embedding [B, D] float32 (unit vectors; [B, D + K]
-                         with a term channel, `tf_q2e.terms`, + 1 with a query bias)
+                         with a term channel, `tf_q2e.terms`),
+                         query_bias [B] float32 (b_q; 0 without `model.query_bias`)
     product_encoder:  product_title, product_description, product_category
                       [B] string (+ product_image_embedding [B, I] float32)
                       -> embedding [B, D] float32 (as query_encoder)
@@ -25,13 +28,18 @@ training:
                       -> product_ids [B, K] string, scores [B, K] float32
                          (dot product: the cosine, plus the term channel's
                          share when there is one; best first),
-                         product_titles [B, K] string
+                         product_titles [B, K] string,
+                         engagement_probability [B, K] float32: σ(s_e·(score
+                         + b_q) + b), the engagement task's probability that
+                         the product is engaged if shown (a feature for a
+                         ranking stage; meaningful when the model was trained
+                         with λ > 0), 0 at padded places
 
 K is fixed per export (`index.k`, at most the catalogue size). Where ScaNN
 finds fewer than K products (it pads with NaN), the places hold product id ""
 and score -2.0 (`tf_q2e.index.PAD_SCORE`, below every cosine; the empty id
-marks a padded place whatever the scores): outputs never
-contain NaN. `retrieval_exact` scores the whole catalogue in the graph.
+marks a padded place whatever the scores) and engagement probability 0:
+outputs never contain NaN. `retrieval_exact` scores the whole catalogue in the graph.
 
 Versions are integers, one more than the newest under BASE, the same for both
 models. Each is written into a temporary directory `BASE/<name>/.tmp-...`
@@ -52,7 +60,8 @@ import tensorflow as tf
 
 from tf_q2e.data import schema as S
 from tf_q2e.errors import InputError
-from tf_q2e.index import Index, ScannTopK, catalog_columns, gather_or_empty, load_index, product_spec
+from tf_q2e.index import (ScannOptions, ScannTopK, build_searcher, catalog_columns, gather_or_empty, load_index,
+                          product_spec)
 
 SCANN_SUFFIX = "_scann"
 MODELS_CONFIG = "models.config"
@@ -73,13 +82,14 @@ def _strings(values: np.ndarray) -> tf.Variable:
 class StockModule(tf.Module):
     """The towers and an in-graph brute-force index: stock ops only."""
 
-    def __init__(self, model, index: Index, k: int):
+    def __init__(self, model, product_ids, titles, vectors: np.ndarray, k: int):
         super().__init__(name="q2e")
         self.query_tower = model.query_tower
         self.product_tower = model.product_tower
-        self.vectors = tf.Variable(index.vectors, trainable=False, name="product_vectors")
-        self.product_ids = _strings(index.product_ids)
-        self.titles = _strings(index.titles)
+        self.engagement = model.engagement
+        self.vectors = tf.Variable(vectors, trainable=False, name="product_vectors")
+        self.product_ids = _strings(product_ids)
+        self.titles = _strings(titles)
         self.k = k
         self.query_spec = query_spec(model.context_columns)
         self.product_spec = product_spec(model.image_dim)
@@ -87,7 +97,8 @@ class StockModule(tf.Module):
     def signatures(self) -> dict:
         @tf.function(input_signature=[self.query_spec])
         def query_encoder(features):
-            return {"embedding": self.query_tower(features, training=False)}
+            embedding, query_bias = self.query_tower(features, training=False, return_bias=True)
+            return {"embedding": embedding, "query_bias": query_bias}
 
         @tf.function(input_signature=[self.product_spec])
         def product_encoder(features):
@@ -95,9 +106,9 @@ class StockModule(tf.Module):
 
         @tf.function(input_signature=[self.query_spec])
         def retrieval_exact(features):
-            queries = self.query_tower(features, training=False)
+            queries, query_bias = self.query_tower(features, training=False, return_bias=True)
             scores, indices = tf.math.top_k(tf.matmul(queries, self.vectors, transpose_b=True), k=self.k)
-            return _results(scores, indices, self.product_ids, self.titles)
+            return _results(scores, indices, query_bias, self.engagement, self.product_ids, self.titles)
 
         return {"query_encoder": query_encoder, "product_encoder": product_encoder,
                 "retrieval_exact": retrieval_exact, "serving_default": retrieval_exact}
@@ -106,27 +117,32 @@ class StockModule(tf.Module):
 class ScannModule(tf.Module):
     """The query tower and ScaNN's searcher (`ScannTopK`): needs ScaNN's ops."""
 
-    def __init__(self, model, index: Index, k: int):
+    def __init__(self, model, top_k: ScannTopK, titles, k: int):
         super().__init__(name="q2e_scann")
         self.query_tower = model.query_tower
-        self.top_k = ScannTopK(index.load_scann_state(), [str(v) for v in index.product_ids], index.options, k=k)
-        self.titles = _strings(index.titles)
+        self.engagement = model.engagement
+        self.top_k = top_k
+        self.titles = _strings(titles)
         self.k = k
         self.query_spec = query_spec(model.context_columns)
 
     def signatures(self) -> dict:
         @tf.function(input_signature=[self.query_spec])
         def retrieval(features):
-            scores, indices = self.top_k.search_indices(self.query_tower(features, training=False), self.k)
-            return _results(scores, indices, self.top_k.identifiers, self.titles)
+            queries, query_bias = self.query_tower(features, training=False, return_bias=True)
+            scores, indices = self.top_k.search_indices(queries, self.k)
+            return _results(scores, indices, query_bias, self.engagement, self.top_k.identifiers, self.titles)
 
         return {"retrieval": retrieval, "serving_default": retrieval}
 
 
-def _results(scores: tf.Tensor, indices: tf.Tensor, product_ids, titles) -> dict:
+def _results(scores: tf.Tensor, indices: tf.Tensor, query_bias: tf.Tensor, engagement, product_ids, titles) -> dict:
+    """The retrieval outputs of the top k `(scores [B, k], indices [B, k])`, -1 at padded places."""
     indices = tf.cast(indices, tf.int32)
+    probability = engagement.probability(scores + query_bias[:, tf.newaxis])  # [B, k]
     return {"product_ids": gather_or_empty(product_ids, indices), "scores": scores,
-            "product_titles": gather_or_empty(titles, indices)}
+            "product_titles": gather_or_empty(titles, indices),
+            "engagement_probability": tf.where(indices >= 0, probability, tf.zeros_like(probability))}
 
 
 def next_version(base: str, names: list[str]) -> int:
@@ -219,46 +235,48 @@ def _config_models(path: str) -> list[str]:
     return [entry.name for entry in config.model_config_list.config]
 
 
-def export_run(run_dir: str, base: str, name: str = "q2e", k: int | None = None, scann: bool = True, log=None) -> dict:
-    """Exports a trained, indexed run as one new version under a TF Serving base directory.
+def export(retriever, base: str, name: str = "q2e", k: int | None = None, scann: bool = True, log=None) -> dict:
+    """Exports a `tf_q2e.Retriever` (its model and products) as one new version under a TF Serving base directory.
 
     Args:
-      run_dir: a run with an index (`q2e train`, then `q2e index`).
+      retriever: from `Retriever.from_model` or `Retriever.from_run` (not from a SavedModel).
       base: the TensorFlow Serving base directory (created if missing).
       name: the stock model's name; the ScaNN model is `<name>_scann`.
-      k: products per query (default: the index's k; at most the catalogue size).
-      scann: also export the ScaNN model.
+      k: products per query (default: the retriever's ScaNN k, else `index.k` of the model's config;
+        at most the catalogue size).
+      scann: also export the ScaNN model (with the retriever's searcher, or one built now with the
+        options of the model's `index` config).
       log: a function of one message line (default: stderr).
 
     Returns `{"version": v, "models": {model name: path}, "k": k}`.
     """
-    from tf_q2e.train import load_model
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     check_model_name(name)
-    index = load_index(run_dir)
-    model = load_model(run_dir)
-    n = len(index.product_ids)
-    k = min(k or index.meta["k"], n)
+    model = retriever.model
+    if model is None:
+        raise InputError("a retriever of a SavedModel is exported already; copy its directory instead")
+    n = len(retriever.product_ids)
+    k = min(k or retriever.max_k or model.config.index.k, n)
     if k < 1:
         raise InputError(f"--k ({k}) must be at least 1")
     names = [name] + ([name + SCANN_SUFFIX] if scann else [])
     os.makedirs(base, exist_ok=True)
     version = next_version(base, names)
-    queries = [str(t) for t in index.titles[:3]]
-    products = {c: np.array([str(t) for t in index.titles[:3]] if c == S.PRODUCT_TITLE else [""] * len(queries), dtype=object)
+    titles = retriever.titles
+    queries = [str(t) for t in titles[:3]]
+    products = {c: np.array([str(t) for t in titles[:3]] if c == S.PRODUCT_TITLE else [""] * len(queries), dtype=object)
                 for c in catalog_columns(0)[1:]}
     if model.image_dim:
         products[S.PRODUCT_IMAGE_EMBEDDING] = np.zeros((len(queries), model.image_dim), np.float32)
     paths = {}
-    stock = StockModule(model, index, k)
+    stock = StockModule(model, retriever.product_ids, titles, retriever.vectors, k)
     paths[name] = write_saved_model(stock, base, name, version,
                                     warmup_requests(name, STOCK_SIGNATURES, queries, products, model.context_columns))
     log(f"wrote {paths[name]} ({', '.join(STOCK_SIGNATURES)}; stock ops)")
     if scann:
         scann_name = name + SCANN_SUFFIX
         paths[scann_name] = write_saved_model(
-            ScannModule(model, index, k), base, scann_name, version,
+            ScannModule(model, _scann_top_k(retriever, model, k), titles, k), base, scann_name, version,
             warmup_requests(scann_name, SCANN_SIGNATURES, queries, products, model.context_columns),
             options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
         log(f"wrote {paths[scann_name]} (retrieval; ScaNN ops)")
@@ -267,3 +285,28 @@ def export_run(run_dir: str, base: str, name: str = "q2e", k: int | None = None,
     stock_names = [m for m in every if not m.endswith(SCANN_SUFFIX)]
     write_models_config(base, stock_names, os.path.join(base, STOCK_MODELS_CONFIG))
     return {"version": version, "models": paths, "k": k}
+
+
+def _scann_top_k(retriever, model, k: int) -> ScannTopK:
+    """A `ScannTopK` of k results over the retriever's ScaNN state, or over a searcher built now."""
+    ids = [str(v) for v in retriever.product_ids]
+    searcher = retriever._scann
+    if searcher is not None:
+        return ScannTopK(searcher.state, ids, searcher.options, k=k)
+    options = ScannOptions.for_catalog(model.config.index, len(ids), k)
+    return ScannTopK(build_searcher(retriever.vectors, options, k).serialize_to_module(), ids, options, k=k)
+
+
+def export_run(run_dir: str, base: str, name: str = "q2e", k: int | None = None, scann: bool = True, log=None) -> dict:
+    """Exports a trained, indexed run as one new version under a TF Serving base directory (`export`).
+
+    Args:
+      run_dir: a run with an index (`q2e train`, then `q2e index`).
+      base, name, scann, log: as for `export`.
+      k: products per query (default: the index's k; at most the catalogue size).
+    """
+    from tf_q2e.search import Retriever
+
+    check_model_name(name)  # before anything is read
+    load_index(run_dir)  # a clear error when q2e index has not run
+    return export(Retriever.from_run(run_dir, scann=scann), base, name, k, scann, log)

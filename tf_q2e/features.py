@@ -397,6 +397,7 @@ def _hashed_ngrams(text: tf.Tensor, buckets: int, trigrams: bool, unigrams: bool
     return _rows_in_order(groups, n_rows)
 
 
+@tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class TextHasher(tf.keras.layers.Layer):
     """Raw text -> hashed n-gram ids for an embedding bag (Que2Search's text features).
 

@@ -8,7 +8,7 @@ the towers carry a term channel, `tf_q2e.terms`) and writes `RUN/index/`:
     index.json        the ScaNN options, the search-time options, sizes, timings
                       and, after `--tune`, the measured recall/latency table
     products.parquet  product_id, product_title: row i is vector i
-    vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel, + 1 with a query bias)
+    vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel)
     scann/            the ScaNN searcher's state (a SavedModel of ScaNN's own
                       `ScannState`: its ops load only after `import scann`)
 
@@ -45,9 +45,11 @@ import tensorflow_recommenders as tfrs
 
 from tf_q2e.config import IndexConfig
 from tf_q2e.data import schema as S
+from tf_q2e.data.formats import file_format, parquet_row_groups
 from tf_q2e.data.pipeline import table_to_numpy
 from tf_q2e.data.validate import Validator, dataset_files
 from tf_q2e.errors import InputError
+from tf_q2e.progress import Progress
 
 # Catalogue sizes at which the automatic ScaNN options change (see module docstring).
 EXACT_BELOW = 20_000
@@ -165,6 +167,11 @@ class ScannTopK(tfrs.layers.factorized_top_k.TopK):
         self.query_model = query_model
         self.options = options
         self.identifiers = tf.Variable(identifiers, trainable=False, name="identifiers")
+
+    @property
+    def k(self) -> int:
+        """The default number of results."""
+        return self._k
 
     def index(self, candidates, identifiers=None):
         raise NotImplementedError("ScannTopK serves a built searcher; build one with tf_q2e.index.build_index")
@@ -419,8 +426,11 @@ def build_index(run_dir: str, catalog: str | None = None, tune_recall: float | N
     if not os.path.exists(catalog):
         raise InputError(f"catalogue file {catalog} does not exist")
 
+    total = sum(parquet_row_groups(catalog)) if file_format(catalog) == "parquet" else None
+    bar = Progress(total, "products", log, verb="embedded")
+
     def progress(done: int, seconds: float) -> None:
-        log(f"embedded {done} products ({done / max(seconds, 1e-9):,.0f} products/s)")
+        bar.update(done)
 
     start = time.perf_counter()
     ids, titles, vectors = embed_catalog(model, catalog, cfg.batch_size, model.config.data.on_bad_rows, progress)

@@ -1,4 +1,4 @@
-"""Evaluation metrics: recall@k, reciprocal rank, ROC AUC, NDCG@k, bootstrap intervals.
+"""Evaluation metrics: recall@k, reciprocal rank, ROC AUC, NDCG@k, calibration, bootstrap intervals.
 
 Pure NumPy. Conventions shared by every function:
 
@@ -233,6 +233,55 @@ def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[Any] | np.nda
     average_rank = first + (sizes + 1) / 2  # 1-based average rank of each block
     rank_sum = average_rank[np.cumsum(new_block) - 1][positive[order]].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# ------------------------------------------------------------- calibration
+
+CALIBRATION_BINS = 15
+
+
+def reliability_curve(probabilities: Sequence[float] | np.ndarray, labels: Sequence[Any] | np.ndarray,
+                      bins: int = CALIBRATION_BINS) -> dict[str, list]:
+    """Equal-width bins of predicted probability: per bin its rows, mean prediction and observed rate.
+
+    Bin b holds the rows with p in [b/bins, (b+1)/bins) (p = 1 in the last).
+    Returns `{"edges": [bins + 1], "count": [bins], "mean_predicted": [bins],
+    "observed": [bins]}`, the last two None for an empty bin.
+    Example: p [0.1, 0.2, 0.9], y [0, 1, 1], bins 2 → count [2, 1],
+    mean_predicted [0.15, 0.9], observed [0.5, 1.0].
+    """
+    p = _float_array("probabilities", probabilities)
+    y = _binary_labels(labels).astype(np.float64)
+    if p.size != y.size:
+        raise ValueError(f"probabilities has {p.size} rows but labels has {y.size}")
+    if p.size and (p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must lie in [0, 1]")
+    if int(bins) != bins or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    predicted = np.bincount(which, weights=p, minlength=bins)
+    observed = np.bincount(which, weights=y, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted, rate = predicted / count, observed / count
+    return {"edges": np.linspace(0.0, 1.0, bins + 1).tolist(), "count": count.tolist(),
+            "mean_predicted": [None if c == 0 else float(v) for c, v in zip(count, mean_predicted)],
+            "observed": [None if c == 0 else float(v) for c, v in zip(count, rate)]}
+
+
+def expected_calibration_error(probabilities: Sequence[float] | np.ndarray, labels: Sequence[Any] | np.ndarray,
+                               bins: int = CALIBRATION_BINS) -> float:
+    """ECE = Σ_b (n_b / n) · |observed rate_b − mean prediction_b| over `reliability_curve`'s bins.
+
+    0 is perfectly calibrated. NaN for empty input.
+    Example: p [0.1, 0.2, 0.9], y [0, 1, 1], bins 2 → (2/3)·|0.5 − 0.15| + (1/3)·|1 − 0.9| = 0.26667.
+    """
+    curve = reliability_curve(probabilities, labels, bins)
+    n = sum(curve["count"])
+    if n == 0:
+        return float("nan")
+    return float(sum(c / n * abs(o - m) for c, o, m in zip(curve["count"], curve["observed"], curve["mean_predicted"])
+                     if c))
 
 
 # -------------------------------------------------------------------- NDCG

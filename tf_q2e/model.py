@@ -8,9 +8,11 @@ epoch's rows), `engagement_loss` (mean ℓ_i over its labelled rows), `loss`
 (`contrastive_loss + λ·engagement_loss`, so the three agree even when a
 validation pass ends on a short batch), `recall_at_1` (in-batch: the positive
 scores highest among the global batch, Que2Search's batch metric) and
-`engagement_auc` (ROC AUC of c_i for engaged vs hard-negative rows, over
-1,001 buckets of tanh(c_i / span), c_i the cosine, or the dot product when
-the towers' term channel is in training).
+`engagement_auc` (ROC AUC of the engagement score q·d + b_q for engaged vs
+hard-negative rows, over 1,001 buckets of tanh(score / span)).
+`engagement_loss` and `engagement_auc` are NaN while no labelled row (engaged
+0 or 1) has been seen, e.g. on a click-only log (every row -1), and `loss`
+is then the contrastive loss alone.
 
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
@@ -20,6 +22,11 @@ precision, to keep the BCE's gradient out of the embedding tables when
 `model.engagement_trains_tables` is false (a second backward pass, of L_ctr
 alone, gives the tables' gradients) and to log the global loss: under `MirroredStrategy` each replica's
 loss is only its share of the global batch's.
+
+Example:
+    model = Que2EngageModel(load_config(), context_columns=("query_country",))
+    model.build_from_schema()      # variables created, ready for compile/fit or loading weights
+    model.get_config()             # {"config": {...}, "image_dim": 0, "context_columns": [...], ...}
 """
 
 from __future__ import annotations
@@ -29,30 +36,34 @@ import tensorflow_recommenders as tfrs
 
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
-from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.features import TextHasher
+from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training
 
 # Buckets of the engagement AUC metric over (1 + tanh(score / span)) / 2, in (0, 1).
 AUC_THRESHOLDS = 1001
 
 
+@tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class Que2EngageModel(tfrs.Model):
     """Query tower + product tower + scaled softmax retrieval + engagement BCE.
 
     Args:
-      config: the resolved configuration (features, model).
+      config: the resolved configuration (features, model), or its dict (`Config.to_dict`).
       image_dim: length of `product_image_embedding` (0: the data has none).
       context_columns: the query context columns of the data, e.g. `("query_country",)`.
-      product_log_q: for logQ correction, a `tf.lookup` table from product id
-        to the log of its training frequency (`model.logq_correction`).
+      product_log_q: for logQ correction in training, a `tf.lookup` table from
+        product id to the log of its training frequency (`model.logq_correction`);
+        a model only used for inference needs none.
       seed: seed of modality dropout.
       jit_compile: XLA-compile the towers' dense parts (`train.jit_compile`).
+
+    `tf_q2e.build_model(config, dataset)` builds one with its variables created.
     """
 
     def __init__(
         self,
-        config: Config,
+        config: Config | dict,
         image_dim: int = 0,
         context_columns: tuple[str, ...] = (),
         product_log_q: tf.lookup.StaticHashTable | None = None,
@@ -61,33 +72,64 @@ class Que2EngageModel(tfrs.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        config = config if isinstance(config, Config) else Config.from_dict(config)
         f, m = config.features, config.model
-        if m.logq_correction and product_log_q is None:
-            raise ValueError("model.logq_correction needs product_log_q (product frequencies of the training data)")
         self.config = config
-        self.image_dim = image_dim
+        self.image_dim = int(image_dim)
         self.context_columns = tuple(context_columns)
-        shared = EmbeddingBag(f.buckets, m.text_embedding_dim, m.text_pooling, name="shared_text_bag") \
-            if m.share_text_tables or m.share_text_encoder else None
-        encoder = TextModality(TextHasher.from_config_section(f), shared, m.hidden_dim, m.embedding_dim, jit_compile,
-                               name="shared_text") if m.share_text_encoder else None
-        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared, seed=seed, text_encoder=encoder,
+        self.seed = seed
+        self.jit_compile = bool(jit_compile)
+        shared_bag = EmbeddingBag(f.buckets, m.text_embedding_dim, m.text_pooling, name="shared_text_bag") \
+            if m.text_sharing != "none" else None
+        encoder = TextModality(TextHasher.from_config_section(f), shared_bag, m.hidden_dim, m.embedding_dim, jit_compile,
+                               name="shared_text") if m.text_sharing == "encoder" else None
+        self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared_bag, seed=seed, text_encoder=encoder,
                                       jit_compile=jit_compile, name="query_tower")
-        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared, seed=seed, text_encoder=encoder,
+        self.product_tower = ProductTower(f, m, image_dim, text_bag=shared_bag, seed=seed, text_encoder=encoder,
                                           jit_compile=jit_compile, name="product_tower")
         self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
         engagement_scale = m.scale if m.engagement_scale is None else m.engagement_scale
-        self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned", name="engagement")
+        self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned",
+                                        bias_lr_multiplier=m.engagement_bias_lr_multiplier, name="engagement")
         self.engagement_weight = float(m.engagement_weight)
         self.product_log_q = product_log_q if m.logq_correction else None
         self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
-        self.engagement_loss = tf.keras.metrics.Mean(name="engagement_loss")
+        self.engagement_loss = _LabelledMean(name="engagement_loss")
         self.loss_tracker = _WeightedSum(self.contrastive_loss, self.engagement_loss, self.engagement_weight, name="loss")
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
-        # AUC is rank-based, so the AUC of c_i is that of σ(s·c_i + b); but σ(20·c) saturates: every
+        # AUC is rank-based, so the AUC of the score is that of σ(s·score + b); but σ(20·c) saturates: every
         # c > 0.27 falls in the top one of Keras's 200 probability buckets, so a contrastive-only model
-        # showed an AUC near 0.5 whatever its ranking. The metric buckets (1 + tanh(c / span)) / 2 instead.
-        self.engagement_auc = tf.keras.metrics.AUC(name="engagement_auc", num_thresholds=AUC_THRESHOLDS)
+        # showed an AUC near 0.5 whatever its ranking. The metric buckets (1 + tanh(score / span)) / 2 instead.
+        self.engagement_auc = _LabelledAUC(name="engagement_auc", num_thresholds=AUC_THRESHOLDS)
+
+    def get_config(self) -> dict:
+        return {"config": self.config.to_dict(), "image_dim": self.image_dim, "context_columns": list(self.context_columns),
+                "seed": self.seed, "jit_compile": self.jit_compile, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Que2EngageModel":
+        return cls(**config)
+
+    def get_build_config(self) -> dict:
+        return {"placeholder_rows": 1}  # Keras's own records input shapes, which string inputs defeat
+
+    def build_from_config(self, config: dict) -> None:
+        """Creates the variables when Keras loads a `.keras` file (`tf.keras.models.load_model`)."""
+        self.build_from_schema()
+
+    def example_features(self, rows: int = 1) -> dict[str, tf.Tensor]:
+        """A batch of `rows` placeholder rows of every input the model takes (for building its variables)."""
+        example = {S.QUERY: tf.constant(["red sofa"] * rows), **{c: tf.constant([""] * rows) for c in self.context_columns},
+                   S.PRODUCT_ID: tf.constant(["p"] * rows), S.PRODUCT_TITLE: tf.constant(["red sofa"] * rows),
+                   S.PRODUCT_DESCRIPTION: tf.constant([""] * rows), S.PRODUCT_CATEGORY: tf.constant([""] * rows)}
+        if self.image_dim:
+            example[S.PRODUCT_IMAGE_EMBEDDING] = tf.zeros([rows, self.image_dim])
+        return example
+
+    def build_from_schema(self) -> "Que2EngageModel":
+        """Creates every variable (the towers run once on placeholder rows); returns the model."""
+        self(self.example_features())
+        return self
 
     def featurize(self, features: dict) -> dict:
         """Hashes the text features of a batch (for `dataset.map`; see `_Tower.featurize`)."""
@@ -96,6 +138,13 @@ class Que2EngageModel(tfrs.Model):
     def weights_checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint of the model's weights alone (no optimizer slots): a third of the size."""
         return tf.train.Checkpoint(query_tower=self.query_tower, product_tower=self.product_tower, engagement=self.engagement)
+
+    @property
+    def embedding_tables(self) -> list[tf.Variable]:
+        """The per-bucket rows of both towers (n-gram tables and pooling importances, context and category
+        embeddings): without `model.engagement_trains_tables` only the contrastive task trains them."""
+        tables = self.query_tower.embedding_tables + self.product_tower.embedding_tables
+        return list({id(t): t for t in tables}.values())
 
     @property
     def engagement_tables(self) -> list[tf.Variable]:
@@ -110,8 +159,21 @@ class Que2EngageModel(tfrs.Model):
         return [self.loss_tracker, self.contrastive_loss, self.engagement_loss, self.recall_at_1, self.engagement_auc]
 
     def call(self, features: dict, training=None) -> tuple[tf.Tensor, tf.Tensor]:
-        """`(query vectors [B, D], product vectors [B, D])` of impression rows."""
-        return self.query_tower(features, training=training), self.product_tower(features, training=training)
+        """`(query vectors [B, D], product vectors [B, D])` of impression rows (`[B, D + K]` each with a
+        term channel; see `tf_q2e.towers`)."""
+        queries, _, products = self.encode(features, training=training)
+        return queries, products
+
+    def encode(self, features: dict, training=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`(query vectors, query biases [B], product vectors)` of impression rows: what the tasks score."""
+        queries, query_bias = self.query_tower(features, training=training, return_bias=True)
+        return queries, query_bias, self.product_tower(features, training=training)
+
+    def engagement_probability(self, scores: tf.Tensor, query_bias: tf.Tensor) -> tf.Tensor:
+        """σ(s_e·(score + b_q) + b): the engagement task's probability of pairs with dot products `scores`
+        `[B, ...]` and the queries' biases `query_bias` `[B]`."""
+        bias = tf.reshape(tf.cast(query_bias, tf.float32), [-1] + [1] * (len(scores.shape) - 1))
+        return self.engagement.probability(tf.cast(scores, tf.float32) + bias)
 
     def compute_loss(self, features: dict, training: bool = False) -> tf.Tensor:
         ctr_loss, bce_loss = self.task_losses(features, training)
@@ -119,25 +181,30 @@ class Que2EngageModel(tfrs.Model):
 
     def task_losses(self, features: dict, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
-        queries, products = self(features, training=training)
+        queries, query_bias, products = self.encode(features, training=training)
         m = self.config.model
-        # Each task scores with the cosine or with the whole dot product (the term channel's part too):
-        # the contrastive task with the channel only if term_in_training, the engagement task also
-        # when it learns the channel's word weights or query bias. At inference the channel always joins.
+        # The contrastive task scores with the cosine; the engagement task with the whole dot product
+        # (the term channel's part too) and the query bias when it learns a part of the channel.
         cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
-        ctr_pair = (queries, products) if m.term_in_training else cosine
-        bce_pair = (queries, products) if channel_in_training(m) else cosine
-        log_q = self.product_log_q.lookup(features[S.PRODUCT_ID]) if self.product_log_q is not None else None
-        ctr = self.retrieval(*ctr_pair, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
-        bce = self.engagement(*bce_pair, features[S.ENGAGED])
+        with_channel = channel_in_training(m)
+        bce_pair = (queries, products) if with_channel else cosine
+        log_q = None
+        if m.logq_correction:
+            if self.product_log_q is None:
+                raise ValueError("model.logq_correction: training needs product_log_q (product frequencies of the "
+                                 "training data: tf_q2e.train.product_log_frequencies)")
+            log_q = self.product_log_q.lookup(features[S.PRODUCT_ID])
+        ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
+        bce = self.engagement(*bce_pair, features[S.ENGAGED], query_bias=query_bias if m.query_bias else None)
         self.contrastive_loss.update_state(ctr.row_losses)
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
         self.recall_at_1.update_state(ctr.hits_at_1)
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
         score = tf.reduce_sum(tf.cast(bce_pair[0], tf.float32) * tf.cast(bce_pair[1], tf.float32), axis=1)
+        score += tf.cast(query_bias, tf.float32) if m.query_bias else 0.0
         # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]), a query
         # bias any real number: tanh maps the score into the buckets' (0, 1) without clipping ties.
-        span = 1.0 + (m.term_weight if channel_in_training(m) else 0.0)
+        span = 1.0 + (m.term_weight if with_channel else 0.0)
         self.engagement_auc.update_state(engaged, 0.5 + 0.5 * tf.math.tanh(score / span), sample_weight=bce.labelled)
         return ctr.loss, bce.loss
 
@@ -159,10 +226,10 @@ class Que2EngageModel(tfrs.Model):
         gradients = tape.gradient(target, self.trainable_variables)
         if split:
             ctr_gradients = tape.gradient(ctr_target, self.trainable_variables)
-            # The term channel's word weights and query bias are the engagement task's own: they keep its gradient.
-            own = {id(v) for v in self.engagement_tables}
-            gradients = [c if isinstance(g, tf.IndexedSlices) and id(v) not in own else g
-                         for g, c, v in zip(gradients, ctr_gradients, self.trainable_variables)]
+            # The embedding tables take the contrastive task's gradient alone. (The term channel's word
+            # weights and query bias, the engagement task's own, are not among them and keep its gradient.)
+            tables = {id(v) for v in self.embedding_tables}
+            gradients = [c if id(v) in tables else g for g, c, v in zip(gradients, ctr_gradients, self.trainable_variables)]
             del tape
         if scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
@@ -175,12 +242,34 @@ class Que2EngageModel(tfrs.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
 
+class _LabelledMean(tf.keras.metrics.Mean):
+    """A weighted mean that is NaN, not 0, while its weights sum to 0 (no labelled row seen)."""
+
+    def result(self) -> tf.Tensor:
+        return tf.where(self.count > 0, tf.math.divide_no_nan(self.total, self.count), float("nan"))
+
+
+class _LabelledAUC(tf.keras.metrics.AUC):
+    """ROC AUC that is NaN, not 0, until both an engaged and a not-engaged labelled row were seen."""
+
+    def result(self) -> tf.Tensor:
+        positives = self.true_positives[0] + self.false_negatives[0]
+        negatives = self.true_negatives[0] + self.false_positives[0]
+        return tf.where((positives > 0) & (negatives > 0), super().result(), float("nan"))
+
+
 class _WeightedSum(tf.keras.metrics.Metric):
-    """`first + weight · second` of two other metrics' results; no state of its own (they hold it)."""
+    """`first + weight · second` of two other metrics' results (`second` counts 0 while NaN); no state of
+    its own (they hold it)."""
 
     def __init__(self, first: tf.keras.metrics.Metric, second: tf.keras.metrics.Metric, weight: float, **kwargs):
         super().__init__(**kwargs)
-        self._results = lambda: first.result() + weight * second.result()  # a lambda: not tracked as sub-metrics
+
+        def results():  # a closure: the metrics are not tracked as sub-metrics
+            value = second.result()
+            return first.result() + weight * tf.where(tf.math.is_nan(value), tf.zeros_like(value), value)
+
+        self._results = results
 
     def update_state(self, *args, **kwargs) -> None:
         pass
@@ -190,3 +279,39 @@ class _WeightedSum(tf.keras.metrics.Metric):
 
     def reset_state(self) -> None:
         pass
+
+
+def build_model(config: Config | str | dict | None = None, schema_or_dataset=None, *, seed: int | None = None,
+                jit_compile: bool | None = None, product_log_q=None) -> Que2EngageModel:
+    """A `Que2EngageModel` with its variables created, for the data that `schema_or_dataset` describes.
+
+    Args:
+      config: a `Config`, a YAML path, a dict of sections, or None (the defaults).
+      schema_or_dataset: what the model's inputs are: a `tf.data.Dataset` of impression rows or
+        batches (`tf_q2e.data.from_pandas` ...), its `element_spec`, a pandas DataFrame, or a
+        `tf_q2e.data.FeatureSchema`; None = no image embedding and no query context.
+      seed: seed of modality dropout (default `train.seed`).
+      jit_compile: XLA-compile the towers' dense parts (default `train.jit_compile`).
+      product_log_q: for `model.logq_correction`, product id → log training frequency
+        (`tf_q2e.train.product_log_frequencies`).
+
+    Call it inside `strategy.scope()` to train on several devices. The
+    caller passes no batch: the towers run once on placeholder rows.
+
+    Example:
+        train = tf_q2e.data.from_dir("data", split="train")
+        model = tf_q2e.build_model("configs/default.yaml", train)
+        model.compile(optimizer=tf_q2e.SparseAdam(7e-4))
+    """
+    from tf_q2e.config import load_config
+    from tf_q2e.data.datasets import FeatureSchema
+
+    if config is None or isinstance(config, str):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = Config.from_dict(config)
+    schema = FeatureSchema.of(schema_or_dataset) if schema_or_dataset is not None else FeatureSchema()
+    model = Que2EngageModel(config, schema.image_dim, schema.context_columns, product_log_q,
+                            seed=config.train.seed if seed is None else seed,
+                            jit_compile=config.train.jit_compile if jit_compile is None else jit_compile)
+    return model.build_from_schema()

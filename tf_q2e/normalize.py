@@ -179,10 +179,8 @@ def _cond(pred, true_fn, false_fn):
     output through a Merge, and the untaken branch's nodes are still visited,
     as dead. The conds of the text path guard rare, large branches (non-ASCII
     text, cut words) and usually take a trivial one, so running the taken
-    branch as a function costs less: the same exported `retrieval` timed side
-    by side in TensorFlow's C++ runtime (`benchmarks/cc/serve_latency.cc`, 4
-    runs of 300 queries) was 0.01-0.07 ms faster per query (p50 ~0.6 ms) with
-    the conds kept functional. Eagerly this is `tf.cond`.
+    branch as a function costs less (timed side by side in TensorFlow's C++
+    runtime with `benchmarks/cc/serve_latency.cc`). Eagerly this is `tf.cond`.
     """
     out = tf.cond(pred, true_fn, false_fn)
     if not tf.executing_eagerly():

@@ -24,7 +24,12 @@ from tf_q2e.errors import InputError
 from tf_q2e.judged import Judged
 
 class DenseRetriever:
-    """A trained run's towers: exact search over the catalogue's product vectors."""
+    """A trained run's towers: exact search over the catalogue's product vectors.
+
+    Search ranks by the dot product q·d; pair scores (the engagement AUCs,
+    NDCG) are the engagement task's score q·d + b_q, b_q the query bias (0
+    without `model.query_bias`), and `engagement_probabilities` its σ(s_e·score + b).
+    """
 
     def __init__(self, model, product_ids: np.ndarray, vectors: np.ndarray, name: str = "dense"):
         import tensorflow as tf
@@ -35,16 +40,19 @@ class DenseRetriever:
         self.vectors = vectors
         self.position = {p: i for i, p in enumerate(self.product_ids)}
         self._tf = tf
-        self._cached: tuple[Judged, np.ndarray] | None = None  # the last split's query vectors
+        self._cached: tuple[Judged, np.ndarray, np.ndarray] | None = None  # the last split's query vectors, biases
 
-    def query_vectors(self, judged: Judged, batch: int = 1024) -> np.ndarray:
+    def query_vectors(self, judged: Judged, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """`(vectors [Q, D] float32, query biases [Q] float32)` of the split's distinct queries."""
         tf = self._tf
-        out = []
+        vectors, biases = [], []
         for start in range(0, len(judged.queries), batch):
             features = {S.QUERY: tf.constant(judged.queries[start:start + batch])}
             features.update({c: tf.constant(v[start:start + batch]) for c, v in judged.contexts.items()})
-            out.append(self.model.query_tower(features, training=False).numpy())
-        return np.concatenate(out).astype(np.float32)
+            v, b = self.model.query_tower(features, training=False, return_bias=True)
+            vectors.append(v.numpy())
+            biases.append(b.numpy())
+        return np.concatenate(vectors).astype(np.float32), np.concatenate(biases).astype(np.float32)
 
     def search(self, judged: Judged, k: int) -> np.ndarray:
         from tf_q2e.index import exact_top_k
@@ -57,11 +65,17 @@ class DenseRetriever:
         return self._queries(judged)[judged.row_query], self.vectors[self._rows(judged.row_product)]
 
     def score_pairs(self, judged: Judged) -> np.ndarray:
-        return np.einsum("rd,rd->r", *self.pair_vectors(judged))
+        """q·d + b_q of each judged pair, float32 [R]."""
+        return np.einsum("rd,rd->r", *self.pair_vectors(judged)) + self._biases(judged)[judged.row_query]
+
+    def engagement_probabilities(self, judged: Judged) -> np.ndarray:
+        """σ(s_e·(q·d + b_q) + b) of each judged pair: the engagement task's probability, float32 [R]."""
+        return self.model.engagement.probability(self._tf.constant(self.score_pairs(judged))).numpy()
 
     def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
         products = rng.integers(0, len(self.vectors), size=len(judged.row_query))
-        return np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[products])
+        return (np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[products])
+                + self._biases(judged)[judged.row_query])
 
     def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
         """The cosine of every catalogue product (in `product_ids` order) for the split's distinct
@@ -87,8 +101,13 @@ class DenseRetriever:
     def _queries(self, judged: Judged) -> np.ndarray:
         """The split's query vectors, computed once for search, pair scores and in-batch recall."""
         if self._cached is None or self._cached[0] is not judged:
-            self._cached = (judged, self.query_vectors(judged))
+            self._cached = (judged, *self.query_vectors(judged))
         return self._cached[1]
+
+    def _biases(self, judged: Judged) -> np.ndarray:
+        """The split's query biases b_q [Q] (zeros without `model.query_bias`)."""
+        self._queries(judged)
+        return self._cached[2]
 
     def _rows(self, product_ids: np.ndarray) -> np.ndarray:
         return catalogue_rows(self.position, product_ids)
@@ -284,11 +303,7 @@ class HybridRetriever:
     `BM25Index.scores` (bm25s `get_scores_from_ids`, a sum of the query terms'
     sparse score columns into [N]) per query; then an O(N) comparison per
     judged row (a sort of N for a query with more than 32 rows). Memory is
-    O(64 · N) floats. `random_pair_scores` costs the same again. On the Home
-    Depot test split (1,209 queries, 7,820 rows, N = 54,667; 2 CPUs): the
-    searches at depth 1000 1.2 s, their fusion 1.4 s, the full-catalogue
-    ranks of the rows 0.3 s (BM25, about 0.25 ms a query) and 0.25 s (dense),
-    the whole `evaluate` 4.4 s.
+    O(64 · N) floats. `random_pair_scores` costs the same again.
 
     Args:
       dense: a retriever with `search`, `product_ids` and `catalogue_scores`

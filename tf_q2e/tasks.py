@@ -19,9 +19,6 @@ import tensorflow as tf
 
 # Logit of a masked (accidental-hit) candidate: exp() of it is exactly 0 in float32.
 MASKED_LOGIT = -1e9
-# The engagement bias is BIAS_RATE times its variable, so it reaches the few units the BCE asks in
-# hundreds of steps at the towers' learning rate (0.002), not thousands.
-BIAS_RATE = 10.0
 # String product ids are compared through 63-bit fingerprints (a collision needs ~3e9 distinct ids).
 ID_FINGERPRINT_BUCKETS = 2**63 - 1
 
@@ -54,6 +51,7 @@ def global_sum(value: tf.Tensor) -> tf.Tensor:
     return value if context is None else context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+@tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
     """Contrastive retrieval: softmax over the global batch (Que2Search eq. 2).
 
@@ -138,14 +136,17 @@ class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
         }
 
 
+@tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class EngagementBCE(tf.keras.layers.Layer):
     """Engagement task: engaged vs impressed-but-unengaged (hard negative) pairs.
 
     Formula, with y_i = engaged ∈ {1, 0} (rows with −1, no engagement label,
-    are masked out), s the scale and b an optional learned offset (0 in the
-    paper's form):
+    are masked out), s the scale, b_q an optional bias of the query (the query
+    tower's `query_bias`; 0 without one) and b an optional learned offset (0 in
+    the paper's form):
 
-        c_i = s·cos(q_i, d_i) + b,    b = 10·β (β the variable: it learns 10x faster)
+        c_i = s·(q_i·d_i + b_q) + b,    b = m·β (β the variable, m `bias_lr_multiplier`:
+                                                 under Adam b moves m times faster)
         ℓ_i = −[ y_i log σ(c_i) + (1 − y_i) log(1 − σ(c_i)) ]
         L_bce = Σ_{i labelled} ℓ_i / max(1, N_labelled)
 
@@ -164,20 +165,34 @@ class EngagementBCE(tf.keras.layers.Layer):
     ℓ = [log(1 + e^-1), log 2, –] = [0.31326, 0.69315], L_bce = 0.50320.
     """
 
-    def __init__(self, scale: float = 20.0, learned_bias: bool = False, **kwargs):
+    def __init__(self, scale: float = 20.0, learned_bias: bool = False, bias_lr_multiplier: float = 10.0, **kwargs):
         super().__init__(**kwargs)
         self.scale = float(scale)
-        self.learned_bias = learned_bias
+        self.learned_bias = bool(learned_bias)
+        self.bias_lr_multiplier = float(bias_lr_multiplier)
         # Created here, not in build(): the model is built (and the optimizer learns its variables)
         # by calling the towers only, before any loss runs.
         self.bias = self.add_weight(name="bias", shape=(), initializer="zeros", dtype=tf.float32) if learned_bias else None
 
-    def call(self, query_embeddings: tf.Tensor, product_embeddings: tf.Tensor, engaged: tf.Tensor) -> EngagementOutput:
-        q = tf.cast(query_embeddings, tf.float32)
-        d = tf.cast(product_embeddings, tf.float32)
-        logits = self.scale * tf.reduce_sum(q * d, axis=1)  # [b]
+    def logits(self, scores: tf.Tensor) -> tf.Tensor:
+        """c = s·scores + b of any shape; `scores` are q·d + b_q (float32)."""
+        logits = self.scale * tf.cast(scores, tf.float32)
         if self.bias is not None:
-            logits += BIAS_RATE * self.bias
+            logits += self.bias_lr_multiplier * self.bias
+        return logits
+
+    def probability(self, scores: tf.Tensor) -> tf.Tensor:
+        """σ(c): the engagement probability of pairs with `scores` q·d + b_q (any shape)."""
+        return tf.nn.sigmoid(self.logits(scores))
+
+    def call(self, query_embeddings: tf.Tensor, product_embeddings: tf.Tensor, engaged: tf.Tensor,
+             query_bias: tf.Tensor | None = None) -> EngagementOutput:
+        q = tf.cast(query_embeddings, tf.float32)  # [b, D]
+        d = tf.cast(product_embeddings, tf.float32)  # [b, D]
+        scores = tf.reduce_sum(q * d, axis=1)  # [b]
+        if query_bias is not None:
+            scores += tf.cast(query_bias, tf.float32)
+        logits = self.logits(scores)
         engaged = tf.cast(engaged, tf.float32)
         labelled = tf.cast(engaged >= 0.0, tf.float32)  # -1: no engagement label
         labels = tf.maximum(engaged, 0.0)
@@ -187,4 +202,5 @@ class EngagementBCE(tf.keras.layers.Layer):
         return EngagementOutput(loss, row_losses, logits, labelled)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "scale": self.scale, "learned_bias": self.learned_bias}
+        return {**super().get_config(), "scale": self.scale, "learned_bias": self.learned_bias,
+                "bias_lr_multiplier": self.bias_lr_multiplier}

@@ -11,6 +11,11 @@ of the dot product), so its vectors are [unit vector ; √α · t]:
     product tower: title, description (hashed n-gram bags → MLP each),
                    category (hashed embedding), image (MLP), when present
 
+The query tower also returns the query bias b_q `[B]` when asked
+(`query_tower(features, return_bias=True)`; zeros unless `model.query_bias`):
+a number that the engagement task adds to the dot product and that ranking
+leaves out.
+
 Fusion is Que2Search's attention fusion, `a = softmax([φ_1‖…‖φ_N] W)`,
 `f = Σ_i a_i φ_i`, or concatenation followed by an MLP. Text is featurized in
 the graph (`features.TextHasher`), so the towers take raw strings and an
@@ -19,13 +24,24 @@ exported tower serves raw strings.
 The n-gram tables are the bulk of the weights (2^18 × 64 each); lookups
 gather rows, so their gradients are `IndexedSlices` and a sparse optimizer
 (`optimizers.SparseAdam`) updates only the rows a batch touches.
+
+Every layer here has `get_config`/`from_config` (Keras serialization). A
+tower rebuilt from its config alone shares its text tables between its own
+text modalities as `model.text_sharing` says, but not with the other tower:
+sharing across towers is the model's (`Que2EngageModel`).
+
+Example:
+    towers = QueryTower(FeaturesConfig(buckets=1024), ModelConfig(embedding_dim=8))
+    towers({"query": tf.constant(["red sofa"])})  # [1, 8], unit length
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
-from tf_q2e.config import FeaturesConfig, ModelConfig
+from tf_q2e.config import FeaturesConfig, ModelConfig, config_section
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher, hash_strings
 from tf_q2e.terms import TermChannel
@@ -35,7 +51,22 @@ IDS_SUFFIX = "#ids"
 # Key prefix of a tower's term channel word hashes computed in the input pipeline (`_Tower.featurize`).
 TERMS_PREFIX = "#terms:"
 
+serializable = tf.keras.utils.register_keras_serializable(package="tf_q2e")
 
+
+def _layer(config_or_layer):
+    """A layer from its serialized form (`serialize`), or the layer itself."""
+    if isinstance(config_or_layer, dict):
+        return tf.keras.layers.deserialize(config_or_layer)
+    return config_or_layer
+
+
+def serialize(layer: tf.keras.layers.Layer) -> dict:
+    """A layer's serialized form: class name and config (`tf.keras.layers.serialize`)."""
+    return tf.keras.layers.serialize(layer)
+
+
+@serializable
 class EmbeddingBag(tf.keras.layers.Layer):
     """Pooled table rows of each row's ids: ragged `[B, None]` int64 → `[B, E]`.
 
@@ -99,17 +130,20 @@ def _compiled(fn, jit_compile: bool):
     return tf.function(fn, jit_compile=True, reduce_retracing=True) if jit_compile else fn
 
 
+@serializable
 class TextModality(tf.keras.layers.Layer):
     """Raw text `[B]` → hashed n-grams → embedding bag → MLP → `[B, D]`.
 
     With `jit_compile` the MLP runs as an XLA cluster (hashing and the bag cannot).
+    `hasher` and `bag` are layers or their serialized forms (`get_config`).
     """
 
-    def __init__(self, hasher: TextHasher, bag: EmbeddingBag, hidden_dim: int, output_dim: int,
+    def __init__(self, hasher: TextHasher | dict, bag: EmbeddingBag | dict, hidden_dim: int, output_dim: int,
                  jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.hasher = hasher
-        self.bag = bag
+        self.hasher = _layer(hasher)
+        self.bag = _layer(bag)
+        self.hidden_dim, self.output_dim, self.jit_compile = int(hidden_dim), int(output_dim), bool(jit_compile)
         self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
         self._dense = _compiled(self.mlp.__call__, jit_compile)
 
@@ -118,19 +152,28 @@ class TextModality(tf.keras.layers.Layer):
         ids = text_or_ids if isinstance(text_or_ids, tf.RaggedTensor) else self.hasher(text_or_ids)
         return self._dense(self.bag(ids))
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "hasher": serialize(self.hasher), "bag": serialize(self.bag),
+                "hidden_dim": self.hidden_dim, "output_dim": self.output_dim, "jit_compile": self.jit_compile}
 
+
+@serializable
 class HashedCategorical(tf.keras.layers.Layer):
     """String values `[B]` → hashed bucket → embedding `[B, D]`."""
 
     def __init__(self, buckets: int, dim: int, **kwargs):
         super().__init__(**kwargs)
-        self.buckets = buckets
+        self.buckets, self.dim = int(buckets), int(dim)
         self.embedding = tf.keras.layers.Embedding(buckets, dim, embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
 
     def call(self, values: tf.Tensor) -> tf.Tensor:
         return self.embedding(hash_strings(values, self.buckets))
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim}
 
+
+@serializable
 class ModalityDropout(tf.keras.layers.Layer):
     """Zeroes a whole modality vector of a row with probability `rate`, in training only.
 
@@ -153,6 +196,7 @@ class ModalityDropout(tf.keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+@serializable
 class AttentionFusion(tf.keras.layers.Layer):
     """Que2Search's attention fusion: `a = softmax([φ_1‖…‖φ_N] W)`, `f = Σ_i a_i φ_i`.
 
@@ -180,26 +224,36 @@ class AttentionFusion(tf.keras.layers.Layer):
         return tf.einsum("bn,bnd->bd", tf.cast(weights, stacked.dtype), stacked)
 
 
+@serializable
 class ConcatFusion(tf.keras.layers.Layer):
     """Concatenate the modality vectors and map them to D with an MLP."""
 
     def __init__(self, hidden_dim: int, output_dim: int, **kwargs):
         super().__init__(**kwargs)
+        self.hidden_dim, self.output_dim = int(hidden_dim), int(output_dim)
         self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
 
     def call(self, stacked: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(stacked)
         return self.mlp(tf.reshape(stacked, [shape[0], stacked.shape[1] * stacked.shape[2]]))
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "hidden_dim": self.hidden_dim, "output_dim": self.output_dim}
+
 
 class _Tower(tf.keras.layers.Layer):
-    """Modalities → modality dropout → fusion → L2 normalisation (float32) [→ term channel appended]."""
+    """Modalities → modality dropout → fusion → L2 normalisation (float32) [→ term channel appended].
 
-    def __init__(self, model_cfg: ModelConfig, seed: int | None, jit_compile: bool = False, **kwargs):
+    `features_cfg` and `model_cfg` are `FeaturesConfig`/`ModelConfig` or their dicts (`get_config`).
+    """
+
+    def __init__(self, features_cfg: FeaturesConfig | dict, model_cfg: ModelConfig | dict, seed: int | None = None,
+                 jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.model_cfg = model_cfg
+        self.features_cfg = config_section(FeaturesConfig, features_cfg, "features")
+        self.model_cfg = config_section(ModelConfig, model_cfg, "model")
         self.seed = seed
-        self.jit_compile = jit_compile
+        self.jit_compile = bool(jit_compile)
         self.modality_names: list[str] = []
         self.encoders: dict[str, tf.keras.layers.Layer] = {}
         self.inputs: dict[str, str | list[str]] = {}
@@ -207,11 +261,29 @@ class _Tower(tf.keras.layers.Layer):
         self.term_channel: TermChannel | None = None
         self.term_inputs: tuple[str, ...] = ()  # the text features whose words the channel takes
 
-    def _add_term_channel(self, inputs: tuple[str, ...], pooling: str, learned_weights: bool = False) -> None:
+    def _text_layers(self, text_bag: "EmbeddingBag | None", text_encoder: "TextModality | None", bag_name: str):
+        """`(bag, encoder)`: the ones given (shared by the model), else this tower's own, per `model.text_sharing`
+        (`encoder` None: each text modality builds its own on `bag`)."""
+        f, m = self.features_cfg, self.model_cfg
+        if text_encoder is None and m.text_sharing == "encoder":
+            bag = text_bag or EmbeddingBag(f.buckets, m.text_embedding_dim, m.text_pooling, name=bag_name)
+            text_encoder = TextModality(TextHasher.from_config_section(f), bag, m.hidden_dim, m.embedding_dim,
+                                        self.jit_compile, name="shared_text")
+        if text_encoder is not None:
+            return text_encoder.bag, text_encoder
+        return text_bag or EmbeddingBag(f.buckets, m.text_embedding_dim, m.text_pooling, name=bag_name), None
+
+    def _text(self, name: str, bag: "EmbeddingBag", encoder: "TextModality | None") -> "TextModality":
+        f, m = self.features_cfg, self.model_cfg
+        return encoder or TextModality(TextHasher.from_config_section(f), bag, m.hidden_dim, m.embedding_dim,
+                                       self.jit_compile, name=name)
+
+    def _add_term_channel(self, inputs: tuple[str, ...], pooling: str, learned_weights: bool = False,
+                          query_bias: bool = False) -> None:
         m = self.model_cfg
         if m.term_dim:
-            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, learned_weights, m.query_bias,
-                                            name="term_channel")
+            self.term_channel = TermChannel(m.term_dim, m.term_weight, pooling, learned_weights, query_bias,
+                                            m.word_weight_lr_multiplier, name="term_channel")
             self.term_inputs = inputs
 
     @property
@@ -241,6 +313,20 @@ class _Tower(tf.keras.layers.Layer):
 
     def _text_modalities(self) -> list[str]:
         return [name for name in self.modality_names if isinstance(self.encoders[name], TextModality)]
+
+    @property
+    def embedding_tables(self) -> list[tf.Variable]:
+        """The tower's per-bucket rows: its n-gram tables and their pooling importances, its context and
+        category embeddings (`model.engagement_trains_tables`)."""
+        tables = []
+        for encoder in self.encoders.values():
+            if isinstance(encoder, TextModality):
+                tables += [encoder.bag.table] + ([encoder.bag.importance] if encoder.bag.pooling == "weighted" else [])
+            elif isinstance(encoder, HashedCategorical):
+                tables.append(encoder.embedding.embeddings)
+            elif isinstance(encoder, _Sum):
+                tables += [e.embedding.embeddings for e in encoder.encoders]
+        return list({id(t): t for t in tables}.values())  # shared bags once
 
     def featurize(self, features: dict) -> dict:
         """Hashes the text modalities' features: `key` -> `key + IDS_SUFFIX` (ragged ids).
@@ -272,88 +358,106 @@ class _Tower(tf.keras.layers.Layer):
     def _fuse(self, stacked: tf.Tensor) -> tf.Tensor:
         return tf.math.l2_normalize(tf.cast(self.fusion(stacked), tf.float32), axis=-1)  # [B, D] float32
 
-    def call(self, features: dict, training=None) -> tf.Tensor:
+    def call(self, features: dict, training=None, return_bias: bool = False):
+        """`[B, D]` unit vectors (`[B, D + K]` with the term channel); with `return_bias`, also the query
+        bias `[B]` (zeros for products and without `model.query_bias`)."""
         vectors = self._head(self.modality_vectors(features, training=training))
-        if self.term_channel is None or (training and not channel_in_training(self.model_cfg)):
-            return vectors  # training without the channel in the tasks: [B, D]
-        return tf.concat([vectors, self.term_channel.pool(self._term_hashes(features))], axis=-1)  # [B, D + K (+ 1)]
+        bias = None
+        # In training the channel joins only when the engagement task learns a part of it.
+        if self.term_channel is not None and not (training and not channel_in_training(self.model_cfg)):
+            channel, bias = self.term_channel.pool_with_bias(self._term_hashes(features))
+            vectors = tf.concat([vectors, channel], axis=-1)  # [B, D + K]
+        if not return_bias:
+            return vectors
+        return vectors, (tf.zeros_like(vectors[:, 0]) if bias is None else bias)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "features_cfg": dataclasses.asdict(self.features_cfg),
+                "model_cfg": dataclasses.asdict(self.model_cfg), "seed": self.seed, "jit_compile": self.jit_compile}
 
 
+@serializable
 class QueryTower(_Tower):
     """`{"query": [B] string, "query_<context>": [B] string ...}` → `[B, D]` unit vectors
-    (`[B, D + K]` with a term channel: the unit vector, then the channel; `[B, D + K + 1]` with
-    the query bias b_q last)."""
+    (`[B, D + K]` with a term channel: the unit vector, then the channel); with `return_bias=True`
+    `(vectors, query_bias [B])`.
+
+    `text_bag`/`text_encoder`: an n-gram bag or a whole text encoder shared with the product tower
+    (the model passes them per `model.text_sharing`); None builds the tower's own.
+    """
 
     def __init__(
         self,
-        features_cfg: FeaturesConfig,
-        model_cfg: ModelConfig,
+        features_cfg: FeaturesConfig | dict,
+        model_cfg: ModelConfig | dict,
         context_columns: tuple[str, ...] = (),
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
         text_encoder: TextModality | None = None,
         **kwargs,
     ):
-        super().__init__(model_cfg, seed, **kwargs)
+        super().__init__(features_cfg, model_cfg, seed, **kwargs)
+        f, m = self.features_cfg, self.model_cfg
         self.context_columns = tuple(context_columns)
-        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, model_cfg.text_pooling,
-                                       name="query_text_bag")
-        hasher = TextHasher.from_config_section(features_cfg)
-        text = text_encoder or TextModality(hasher, bag, model_cfg.hidden_dim, model_cfg.embedding_dim, self.jit_compile, name="query_text")
-        self._add("query_text", text, S.QUERY)
+        bag, encoder = self._text_layers(text_bag, text_encoder, "query_text_bag")
+        self._add("query_text", self._text("query_text", bag, encoder), S.QUERY)
         if self.context_columns:
-            self.context = {
-                c: HashedCategorical(features_cfg.context_buckets, model_cfg.embedding_dim, name=c) for c in self.context_columns
-            }
+            self.context = {c: HashedCategorical(f.context_buckets, m.embedding_dim, name=c) for c in self.context_columns}
             self._add("query_context", _Sum(list(self.context.values()), name="query_context"), list(self.context_columns))
-        self._add_term_channel((S.QUERY,), "mean", learned_weights=model_cfg.term_weights == "engagement")
+        self._add_term_channel((S.QUERY,), "mean", learned_weights=m.term_weights == "engagement", query_bias=m.query_bias)
         self._finish()
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "context_columns": list(self.context_columns)}
 
+
+@serializable
 class ProductTower(_Tower):
     """Product fields (`product_title`, `product_description`, `product_category`,
-    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel, `[B, D + K + 1]`
-    with a query bias: its product side, 1, last)."""
+    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel)."""
 
     def __init__(
         self,
-        features_cfg: FeaturesConfig,
-        model_cfg: ModelConfig,
+        features_cfg: FeaturesConfig | dict,
+        model_cfg: ModelConfig | dict,
         image_dim: int = 0,
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
         text_encoder: TextModality | None = None,
         **kwargs,
     ):
-        super().__init__(model_cfg, seed, **kwargs)
-        self.image_dim = image_dim
-        bag = text_bag or EmbeddingBag(features_cfg.buckets, model_cfg.text_embedding_dim, model_cfg.text_pooling,
-                                       name="product_text_bag")
-        hasher = TextHasher.from_config_section(features_cfg)
-        h, d = model_cfg.hidden_dim, model_cfg.embedding_dim
-        self._add("title", text_encoder or TextModality(hasher, bag, h, d, self.jit_compile, name="title"), S.PRODUCT_TITLE)
-        self._add("description", text_encoder or TextModality(hasher, bag, h, d, self.jit_compile, name="description"),
-                  S.PRODUCT_DESCRIPTION)
-        self._add("category", HashedCategorical(features_cfg.category_buckets, d, name="category"), S.PRODUCT_CATEGORY)
+        super().__init__(features_cfg, model_cfg, seed, **kwargs)
+        f, m = self.features_cfg, self.model_cfg
+        self.image_dim = int(image_dim)
+        bag, encoder = self._text_layers(text_bag, text_encoder, "product_text_bag")
+        self._add("title", self._text("title", bag, encoder), S.PRODUCT_TITLE)
+        self._add("description", self._text("description", bag, encoder), S.PRODUCT_DESCRIPTION)
+        self._add("category", HashedCategorical(f.category_buckets, m.embedding_dim, name="category"), S.PRODUCT_CATEGORY)
         if image_dim:
-            self._add("image", _mlp(h, d, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
+            self._add("image", _mlp(m.hidden_dim, m.embedding_dim, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
         self._add_term_channel((S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION), "sum")
         self._finish()
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "image_dim": self.image_dim}
+
 
 def channel_in_training(model_cfg: ModelConfig) -> bool:
-    """Whether a training task scores pairs with the term channel (the contrastive one with
-    `term_in_training`, the engagement one with learned word weights or a query bias as well)."""
-    return bool(model_cfg.term_dim) and (model_cfg.term_in_training or model_cfg.term_weights == "engagement"
-                                         or model_cfg.query_bias)
+    """Whether the engagement task scores pairs with the term channel: when it learns the channel's
+    word weights or the query bias."""
+    return bool(model_cfg.term_dim) and (model_cfg.term_weights == "engagement" or model_cfg.query_bias)
 
 
+@serializable
 class _Sum(tf.keras.layers.Layer):
     """Sum of several encoders, each applied to its own input."""
 
-    def __init__(self, encoders: list[tf.keras.layers.Layer], **kwargs):
+    def __init__(self, encoders: list, **kwargs):
         super().__init__(**kwargs)
-        self.encoders = encoders
+        self.encoders = [_layer(e) for e in encoders]
 
     def call(self, inputs: list[tf.Tensor]) -> tf.Tensor:
         return tf.add_n([encoder(x) for encoder, x in zip(self.encoders, inputs)])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "encoders": [serialize(e) for e in self.encoders]}

@@ -11,8 +11,9 @@
                             the run (rewritten at each epoch end; a resumed run keeps the
                             epochs the killed process finished)
     RUN/checkpoints/        the model's weights after each of the last 3 epochs (epoch-N)
-    RUN/model/weights.*     the final weights (the best epoch's when early stopping restored
-                            them); `load_model(RUN)` rebuilds the model and reads them
+    RUN/model/              the final model (the best epoch's weights when early stopping
+                            restored them) as `tf_q2e.save` writes it: model.json and weights.*;
+                            `load_model(RUN)` or `tf_q2e.load(RUN/model)` reads it
     RUN/backup/             BackupAndRestore state while a run is in progress: rerun the
                             same command after a crash and it resumes from the last epoch
     RUN/logs/               TensorBoard
@@ -40,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from tf_q2e.callbacks import EarlyStopping
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format
@@ -49,6 +51,7 @@ from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
 from tf_q2e.errors import ConfigError, DataError, InputError
 from tf_q2e.model import Que2EngageModel
 from tf_q2e.optimizers import make_optimizer
+from tf_q2e.saving import save
 
 MIXED_PRECISION_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 # train.cache: auto keeps a split in memory up to this many rows (about 2 KB a row once hashed).
@@ -109,24 +112,11 @@ def product_log_frequencies(train_files: list[str]) -> tf.lookup.StaticHashTable
 
 def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...], product_log_q=None,
                 jit_compile: bool | None = None) -> Que2EngageModel:
-    """The model, with its variables created (call inside `strategy.scope()`).
-
-    `jit_compile` None follows `train.jit_compile`.
-    """
+    """The model, with its variables created (call inside `strategy.scope()`); `jit_compile` None follows
+    `train.jit_compile`. (`tf_q2e.build_model` takes a data set or a schema instead.)"""
     jit = config.train.jit_compile if jit_compile is None else jit_compile
-    model = Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed, jit_compile=jit)
-    example = {
-        S.QUERY: tf.constant(["red sofa"]),
-        **{c: tf.constant([""]) for c in context_columns},
-        S.PRODUCT_ID: tf.constant(["p"]),
-        S.PRODUCT_TITLE: tf.constant(["red sofa"]),
-        S.PRODUCT_DESCRIPTION: tf.constant([""]),
-        S.PRODUCT_CATEGORY: tf.constant([""]),
-    }
-    if image_dim:
-        example[S.PRODUCT_IMAGE_EMBEDDING] = tf.zeros([1, image_dim])
-    model(example)
-    return model
+    return Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed,
+                           jit_compile=jit).build_from_schema()
 
 
 def split_reading(t, rows: int, model: Que2EngageModel, rows_read: int | None = None) -> dict:
@@ -280,12 +270,9 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         tf.keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq="epoch"),
     ]
     if validation is not None and t.early_stopping_patience:
-        callbacks.append(
-            tf.keras.callbacks.EarlyStopping(
-                monitor=t.early_stopping_monitor, mode="min" if t.early_stopping_monitor.endswith("loss") else "max",
-                patience=t.early_stopping_patience, restore_best_weights=True
-            )
-        )
+        # Falls back to val_recall_at_1 when the engagement metrics are NaN (no labelled rows).
+        callbacks.append(EarlyStopping(t.early_stopping_monitor, patience=t.early_stopping_patience,
+                                       restore_best_weights=True, log=_log))
     _log(f"training on {replicas} replica(s), global batch {t.global_batch_size}, {t.epochs} epoch(s) of {steps} steps")
     model.fit(
         strategy.distribute_datasets_from_function(train_data),
@@ -296,7 +283,7 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         callbacks=callbacks,
         verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
     )
-    model.weights_checkpoint().write(os.path.join(out, "model", "weights"))
+    save(model, os.path.join(out, "model"))
     return history_file.finish()
 
 

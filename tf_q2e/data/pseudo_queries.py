@@ -3,8 +3,8 @@
 A product that no logged query reached is known to the towers only through
 the n-grams it shares with products that were reached. On a small log the
 towers learn the logged pairs by heart and miss plain lexical matches that
-BM25 finds: on Home Depot (59k training rows) 63% of the test split's engaged
-products never occur in the training split.
+BM25 finds, and most products a held-out query engages with may never occur
+in the training split.
 
 A pseudo-query is a random subset of one product's title words, kept in title
 order and lower-cased ("Delta Vero 1-Handle Shower Only Faucet Trim Kit in

@@ -196,7 +196,8 @@ class ServingClient:
                 signature declares and `context` leaves out gets "" (unknown).
 
         Returns:
-            Per query, best first: `{"product_id": str, "title": str, "score": float}`;
+            Per query, best first: `{"product_id": str, "title": str, "score": float}`,
+            plus `"engagement_probability": float` when the signature has that output;
             places the index could not fill (product id "") are left out.
 
         Raises:
@@ -226,14 +227,19 @@ class ServingClient:
                 f"k={k} is more than the {exported_k} results signature '{signature}' of model '{model}' returns "
                 f"(K is fixed at export); ask for k <= {exported_k} or export with a larger K"
             )
-        return [
-            [
-                {"product_id": _text(product_id), "title": _text(title), "score": float(score)}
-                for product_id, title, score in zip(ids[:k], titles[:k], scores[:k])
-                if _text(product_id)
-            ]
-            for ids, titles, scores in zip(outputs["product_ids"], outputs["product_titles"], outputs["scores"])
-        ]
+        probabilities = outputs.get("engagement_probability")
+        results = []
+        for row, (ids, titles, scores) in enumerate(zip(outputs["product_ids"], outputs["product_titles"], outputs["scores"])):
+            hits = []
+            for i in range(min(k, len(ids))):
+                if not _text(ids[i]):
+                    continue
+                hit = {"product_id": _text(ids[i]), "title": _text(titles[i]), "score": float(scores[i])}
+                if probabilities is not None:
+                    hit["engagement_probability"] = float(probabilities[row][i])
+                hits.append(hit)
+            results.append(hits)
+        return results
 
     def _predict_grpc(
         self, model: str, arrays: dict[str, np.ndarray], signature: str, version: int | None

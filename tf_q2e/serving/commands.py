@@ -108,7 +108,8 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    """Prints per query (as a JSON string) its ranked results: `rank. product_id  score  title`."""
+    """Prints per query (as a JSON string) its ranked results: `rank. product_id  score  p(engaged)  title`
+    (the engagement probability column when the model exports it)."""
     target = _server_target(args.server, args.rest)
     context = _parse_context(args.context)
     if args.k < 1:
@@ -133,9 +134,12 @@ def run_query(args: argparse.Namespace) -> int:
             return 1
     for query, hits in zip(args.queries, results):
         print(json.dumps(query, ensure_ascii=False))
+        if hits and "engagement_probability" in hits[0]:
+            print("  rank. product_id  score  p(engaged)  title")
         for rank, hit in enumerate(hits, start=1):
             title = " ".join(hit["title"].split())
-            print(f"  {rank}. {hit['product_id']}  {hit['score']:.4f}  {title}")
+            probability = f"  {hit['engagement_probability']:.3f}" if "engagement_probability" in hit else ""
+            print(f"  {rank}. {hit['product_id']}  {hit['score']:.4f}{probability}  {title}")
     return 0
 
 
