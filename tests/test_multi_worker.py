@@ -20,6 +20,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "mu
 
 WORKERS = 2
 
+pytestmark = pytest.mark.slow  # subprocess workers
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -34,6 +34,8 @@ TRAIN_OBSERVED = os.path.join(SCRIPTS, "train_observed.py")
 EPOCHS, STEPS = 3, 30
 KILL_AFTER_BATCH = 9  # 0-based: SIGKILL once 10 steps of epoch 2 are done (of 30)
 
+pytestmark = pytest.mark.slow  # subprocess trainings and exports
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
