@@ -24,10 +24,8 @@ from tf_q2e.train import HistoryFile, build_model, load_model, split_reading, tr
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synth"))
-    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
-    return out
+def data_dir(marketplace):
+    return marketplace
 
 
 @pytest.fixture(scope="module")
