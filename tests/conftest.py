@@ -1,8 +1,10 @@
-"""Shared test helpers: tiny canonical data sets that the tests write themselves."""
+"""Shared test helpers: tiny canonical data sets that the tests write themselves, and the synthetic
+marketplace that several modules train on (built once per session)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -68,3 +70,30 @@ def write_dataset(directory, impressions: list[dict], suffix: str = ".parquet", 
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_dataset(tmp_path / "data", good_impressions())
+
+
+# --- shared across modules, built once per session: read only (a test that writes makes its own) ---
+
+
+@pytest.fixture(scope="session")
+def marketplace(tmp_path_factory) -> str:
+    """A tiny synthetic marketplace, every split: 400 products, 8000 impressions, seed 3, 4-d images,
+    10 ground-truth queries (test_train)."""
+    from tf_q2e.data.synth import generate
+
+    out = str(tmp_path_factory.mktemp("marketplace"))
+    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
+    return out
+
+
+@pytest.fixture(scope="session")
+def marketplace_train_only(marketplace, tmp_path_factory) -> str:
+    """`marketplace` with catalogue, train split and manifest only (test_recovery, test_multi_worker).
+
+    No validation split: those tests are about what a killed process or a
+    worker leaves behind, and a validation pass would only add a second graph
+    to trace to every run.
+    """
+    out = str(tmp_path_factory.mktemp("marketplace_train_only") / "data")
+    shutil.copytree(marketplace, out, ignore=shutil.ignore_patterns("validation.parquet", "test.parquet"))
+    return out

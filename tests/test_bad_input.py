@@ -506,27 +506,32 @@ def _assert_results(outputs: dict, rows: int, k: int) -> None:
 # --------------------------------------------------------------------------- exported signatures, in process
 
 
+@pytest.mark.slow
 def test_signature_wrong_dtype_int_query(stock):
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a string tensor but is a int32 tensor"):
         stock.signatures["query_encoder"](query=tf.constant([1, 2]), query_country=_text("", ""))
 
 
+@pytest.mark.slow
 def test_signature_wrong_rank_b_by_1_query(stock):
     with pytest.raises(tf.errors.InvalidArgumentError) as error:
         stock.signatures["retrieval_exact"](query=tf.constant([["lamp"], ["rug"]]), query_country=_text("", ""))
     assert "query_text" in str(error.value) and "[2,1]" in str(error.value)  # the query's text tower, the shape
 
 
+@pytest.mark.slow
 def test_signature_missing_input_is_named(stock):
     with pytest.raises(TypeError, match="missing a required argument: 'query_country'"):
         stock.signatures["query_encoder"](query=_text("lamp"))
 
 
+@pytest.mark.slow
 def test_signature_inputs_with_different_batch_sizes(stock):
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"Shapes of all inputs must match: values\[0\].shape = \[2,\d+\] != values\[1\].shape = \[1,\d+\]"):
         stock.signatures["retrieval_exact"](query=_text("lamp", "rug"), query_country=_text("US"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signature", ["retrieval_exact", "query_encoder", "product_encoder"])
 def test_signature_empty_batch_gives_empty_outputs(stock, exported, signature):
     _, k = exported
@@ -543,6 +548,7 @@ def test_signature_empty_batch_gives_empty_outputs(stock, exported, signature):
             assert tuple(outputs["query_bias"].shape) == (0,)
 
 
+@pytest.mark.slow
 def test_signature_empty_batch_scann_retrieval_gives_b_by_k(scann_model, stock, exported):
     _, k = exported
     empty = tf.zeros([0], tf.string)
@@ -552,6 +558,7 @@ def test_signature_empty_batch_scann_retrieval_gives_b_by_k(scann_model, stock, 
             name: [None, k] for name in ("product_ids", "scores", "product_titles", "engagement_probability")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["stock", "scann"])
 def test_signature_empty_string_query(stock, scann_model, exported, model):
     _, k = exported
@@ -561,6 +568,7 @@ def test_signature_empty_string_query(stock, scann_model, exported, model):
     assert all(outputs["product_ids"].numpy()[0])  # 60 products: every place is filled
 
 
+@pytest.mark.slow
 def test_signature_non_utf8_bytes_are_read_as_separators(stock, exported):
     _, k = exported
     encoder = stock.signatures["query_encoder"]
@@ -570,6 +578,7 @@ def test_signature_non_utf8_bytes_are_read_as_separators(stock, exported):
     _assert_results(stock.signatures["retrieval_exact"](query=tf.constant([b"\xff"]), query_country=_text("")), 1, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["stock", "scann"])
 def test_signature_1mb_query_is_answered_quickly(stock, scann_model, exported, model):
     _, k = exported
@@ -581,6 +590,7 @@ def test_signature_1mb_query_is_answered_quickly(stock, scann_model, exported, m
     _assert_results(outputs, 2, k)
 
 
+@pytest.mark.slow
 def test_signature_product_encoder_wrong_image_dim(stock):
     with pytest.raises(tf.errors.InvalidArgumentError) as error:
         stock.signatures["product_encoder"](**_products(1, tf.zeros([1, IMAGE_DIM + 2])))
@@ -808,6 +818,7 @@ def _assert_still_serving(clients, k: int) -> None:
         assert client.search("q2e_scann", ["lamp"], k, signature="retrieval")[0][0]["product_id"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SERVER_CASES))
 def test_server_bad_request(server, clients, exported, name):
     _, k = exported
@@ -815,6 +826,7 @@ def test_server_bad_request(server, clients, exported, name):
     _assert_still_serving(clients, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SEARCH_CASES))
 def test_client_search_bad_arguments(server, clients, exported, name):
     _, k = exported
@@ -822,6 +834,7 @@ def test_client_search_bad_arguments(server, clients, exported, name):
     _assert_still_serving(clients, k)
 
 
+@pytest.mark.slow
 def test_client_search_1mb_query_over_both_protocols(clients, exported):
     _, k = exported
     results = {protocol: client.search("q2e", [ONE_MB_QUERY], k) for protocol, client in clients.items()}

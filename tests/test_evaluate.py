@@ -74,6 +74,7 @@ def test_evaluate_combines_the_metrics_as_specified():
     assert row.startswith("| fixed | 0.5000")
 
 
+@pytest.mark.slow
 def test_q2e_evaluate_writes_the_report_and_plots(run, capsys):
     run_dir, data = run
     assert main(["evaluate", "--run", run_dir, "--bootstrap", "50"]) == 0
@@ -102,6 +103,7 @@ def test_q2e_evaluate_writes_the_report_and_plots(run, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_validation_report_goes_beside_the_test_report(run, capsys):
     run_dir, data = run
     assert main(["evaluate", "--run", run_dir, "--bootstrap", "20"]) == 0
@@ -115,6 +117,7 @@ def test_a_validation_report_goes_beside_the_test_report(run, capsys):
     assert reports["eval"]["queries"] != reports["eval-validation"]["queries"]
 
 
+@pytest.mark.slow
 def test_dense_scores_are_the_towers_cosines_and_probabilities_the_engagement_tasks(run):
     from tf_q2e.retrievers import dense_retriever_for_run
 
@@ -134,6 +137,7 @@ def test_dense_scores_are_the_towers_cosines_and_probabilities_the_engagement_ta
     assert len(per_batch) == len(judged.row_query) // 32 and np.all((0 <= per_batch) & (per_batch <= 1))
 
 
+@pytest.mark.slow
 def test_q2e_compare_with_bm25(run, tmp_path, capsys):
     run_dir, data = run
     out = tmp_path / "cmp"
@@ -148,6 +152,7 @@ def test_q2e_compare_with_bm25(run, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "recall_at_k.png"]
 
 
+@pytest.mark.slow
 def test_bm25_retriever_scores_judged_pairs(run):
     run_dir, data = run
     retriever = BM25Retriever.for_data(data)
@@ -158,6 +163,7 @@ def test_bm25_retriever_scores_judged_pairs(run):
     assert ids.shape == (len(judged.queries), 3)
 
 
+@pytest.mark.slow
 def test_bad_arguments(run, tmp_path, capsys):
     run_dir, _ = run
     assert main(["compare"]) == 2
@@ -285,6 +291,7 @@ def test_hybrid_needs_one_catalogue():
         HybridRetriever(dense, dense, k_rrf=-1)
 
 
+@pytest.mark.slow
 def test_q2e_compare_with_hybrid(run, tmp_path, capsys):
     run_dir, data = run
     out = tmp_path / "cmp"
@@ -389,6 +396,7 @@ def test_evaluate_adds_ground_truth_metrics_only_with_truth():
     assert "gt_recall@100" in comparison_table([report]).splitlines()[0]
 
 
+@pytest.mark.slow
 def test_evaluate_run_reports_ground_truth_metrics(run, tmp_path):
     run_dir, data = run
     with open(os.path.join(data, "manifest.json")) as f:

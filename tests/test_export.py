@@ -64,6 +64,7 @@ def _query_inputs(texts):
 QUERIES = ["brown couch", "mountain bike red", "lamp", "kids shoes size 4"]
 
 
+@pytest.mark.slow
 def test_index_records_options_tuning_and_products(run):
     index = load_index(run)
     meta = index.meta
@@ -78,6 +79,7 @@ def test_index_records_options_tuning_and_products(run):
     assert len(meta["tune"]["tried"]) >= 3
 
 
+@pytest.mark.slow
 def test_index_vectors_are_the_product_tower_of_the_catalogue(run):
     index = load_index(run)
     model = load_model(run)
@@ -90,6 +92,7 @@ def test_index_vectors_are_the_product_tower_of_the_catalogue(run):
     assert list(index.product_ids[:5]) == catalog["product_id"]
 
 
+@pytest.mark.slow
 def test_scann_recall_at_10_against_exact_search(run):
     index = load_index(run)
     model = load_model(run)
@@ -103,6 +106,7 @@ def test_scann_recall_at_10_against_exact_search(run):
     assert recall_at_k(truth, truth) == 1.0
 
 
+@pytest.mark.slow
 def test_saved_models_match_the_in_memory_model(run, exported):
     base, result = exported
     model = load_model(run)
@@ -135,6 +139,7 @@ def test_saved_models_match_the_in_memory_model(run, exported):
     assert np.all(np.diff(found["scores"].numpy(), axis=1) <= 1e-6)  # best first
 
 
+@pytest.mark.slow
 def test_stock_model_loads_in_a_process_that_never_imports_scann(exported):
     base, _ = exported
     script = f"""
@@ -155,6 +160,7 @@ print("scann" in sys.modules, any(name.startswith("tf_q2e") for name in sys.modu
     assert out.stdout.split() == ["16", "10", "16", "False", "False"]
 
 
+@pytest.mark.slow
 def test_layout_models_config_and_warmup(exported):
     from google.protobuf import text_format
     from tensorflow_serving.apis import prediction_log_pb2
@@ -186,6 +192,7 @@ def test_layout_models_config_and_warmup(exported):
     assert signatures == ["query_encoder", "product_encoder", "retrieval_exact"]
 
 
+@pytest.mark.slow
 def test_a_second_export_adds_version_2_and_keeps_version_1(run, exported, tmp_path):
     base, _ = exported
     before = os.path.getmtime(os.path.join(base, "q2e", "1", "saved_model.pb"))
@@ -214,6 +221,7 @@ def test_the_tree_assigns_leaves_with_the_configured_avq():
         assert (partitioning.avq if partitioning.HasField("avq") else None) == avq
 
 
+@pytest.mark.slow
 def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
     """As TensorFlow Serving runs them: tensorflow::LoadSavedModel and Session::Run, ScaNN's op library
     loaded with TF_LoadLibrary (benchmarks/cc/serve_latency.cc), with Python's top k."""
@@ -243,6 +251,7 @@ def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
         serve_latency.run(binary, QUERIES, {"retrieval_exact": (stock, "retrieval_exact")}, str(tmp_path), scann=False)
 
 
+@pytest.mark.slow
 def test_short_scann_results_are_filled_not_nan(run, tmp_path):
     """A tree searched in one small leaf finds fewer than k products: the places get "" and PAD_SCORE."""
     import scann  # noqa: F401
@@ -262,6 +271,7 @@ def test_short_scann_results_are_filled_not_nan(run, tmp_path):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first, the padding last
 
 
+@pytest.mark.slow
 def test_cli_index_and_export_errors(run, tmp_path, capsys):
     assert main(["index", "--run", str(tmp_path / "missing")]) == 2
     assert "not a trained run" in capsys.readouterr().err
@@ -284,6 +294,7 @@ def test_cli_index_and_export_errors(run, tmp_path, capsys):
     assert "run q2e index" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_index_reports_a_bad_catalogue_row(run, tmp_path, capsys):
     catalog = tmp_path / "catalog.jsonl"
     rows = [{"product_id": "A", "product_title": "good lamp"}, {"product_id": "B", "product_title": ""}]
@@ -311,6 +322,7 @@ def test_the_deployment_files_for_the_stock_image_parse():
     assert all(port.startswith("127.0.0.1:") for port in service["ports"])
 
 
+@pytest.mark.slow
 def test_exported_models_round_trip_through_the_server_and_client(exported):
     from tf_q2e.serving import ModelServer, ServingClient
 

@@ -300,6 +300,7 @@ print(json.dumps(TextHasher(2**18)(tf.constant(texts)).to_list()))
 """
 
 
+@pytest.mark.slow
 def test_hasher_ids_are_the_same_in_a_fresh_process():
     texts = ["Red sofa", "Café crème", "日本語 テスト", ""]
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")

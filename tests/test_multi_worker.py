@@ -14,21 +14,17 @@ import pytest
 import tensorflow as tf
 from conftest import SMALL
 
-from tf_q2e.data.synth import generate
-
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "multi_worker_train.py")
 
 WORKERS = 2
 
+pytestmark = pytest.mark.slow  # subprocess workers
+
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(marketplace_train_only):
     """A tiny synthetic marketplace, catalogue and train split only (no validation pass to trace)."""
-    out = str(tmp_path_factory.mktemp("synth"))
-    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
-    for split in ("validation", "test"):
-        os.remove(os.path.join(out, f"{split}.parquet"))
-    return out
+    return marketplace_train_only
 
 
 def _free_ports(count: int) -> list[int]:

@@ -211,6 +211,7 @@ def regression_data(n=64, length=5, used_rows=40):
     return ids, target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, learning_rate", [("adam", 0.05), ("adagrad", 0.5)])
 def test_model_fit_decreases_loss(name, learning_rate):
     tf.keras.utils.set_random_seed(0)
@@ -221,6 +222,7 @@ def test_model_fit_decreases_loss(name, learning_rate):
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
 
 
+@pytest.mark.slow
 def test_loss_scale_optimizer_equals_unscaled_sparse_adam():
     """Float32 model: the loss scale 2^15 is exact, so the wrapped optimizer gives the same numbers."""
     ids, target = regression_data()
@@ -236,6 +238,7 @@ def test_loss_scale_optimizer_equals_unscaled_sparse_adam():
         np.testing.assert_allclose(scaled, unscaled, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_loss_scale_optimizer_trains_mixed_float16_embeddings():
     tf.keras.utils.set_random_seed(0)
     ids, target = regression_data()
@@ -376,6 +379,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_mirrored_two_replicas_equal_one_device(name):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_q2e")
 
 
@@ -16,12 +18,14 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
 
 
+@pytest.mark.slow
 def test_import_before_tensorflow_gives_keras_2():
     result = _python("import tf_q2e, tensorflow as tf; print(tf.keras.__name__)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("tf_keras")
 
 
+@pytest.mark.slow
 def test_import_after_tensorflow_with_keras_3_fails_with_the_fix():
     result = _python("import tensorflow as tf; tf.keras.layers; import tf_q2e")
     assert result.returncode != 0

@@ -74,6 +74,7 @@ def test_written_rows_carry_the_catalogue_fields_and_no_engagement_label(data_di
     assert rows == pq.read_metadata(train).num_rows + n
 
 
+@pytest.mark.slow
 def test_training_reads_the_pseudo_queries_with_the_split(data_dir, tmp_path, monkeypatch):
     built = []
 

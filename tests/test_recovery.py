@@ -21,7 +21,6 @@ from conftest import SMALL
 from tensorflow.core.util import event_pb2
 
 from tf_q2e.config import load_config
-from tf_q2e.data.synth import generate
 from tf_q2e.export import MODELS_CONFIG, WARMUP_FILE, export_run, next_version
 from tf_q2e.index import build_index
 from tf_q2e.serving.registry import ModelRegistry, discover_models, list_versions
@@ -34,20 +33,13 @@ TRAIN_OBSERVED = os.path.join(SCRIPTS, "train_observed.py")
 EPOCHS, STEPS = 3, 30
 KILL_AFTER_BATCH = 9  # 0-based: SIGKILL once 10 steps of epoch 2 are done (of 30)
 
+pytestmark = pytest.mark.slow  # subprocess trainings and exports
+
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tiny synthetic marketplace with catalogue and train split only.
-
-    No validation split: these tests are about what a killed process leaves
-    behind, and a validation pass would only add a second graph to trace to
-    every run.
-    """
-    out = str(tmp_path_factory.mktemp("synth"))
-    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
-    for split in ("validation", "test"):
-        os.remove(os.path.join(out, f"{split}.parquet"))
-    return out
+def data_dir(marketplace_train_only):
+    """A tiny synthetic marketplace with catalogue and train split only (conftest)."""
+    return marketplace_train_only
 
 
 def _env(**extra: str) -> dict:

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "replica_equivalence.py")
+
+pytestmark = pytest.mark.slow  # each test trains in a subprocess
 
 
 def _run(*overrides: str) -> dict:

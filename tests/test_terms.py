@@ -197,6 +197,7 @@ def test_the_engagement_task_alone_trains_the_query_bias(weight):
         assert len(changed) == 0 and channel.length_weight.numpy() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights, bias", [("fixed", False), ("engagement", False), ("engagement", True)])
 def test_a_model_with_a_term_channel_trains_indexes_and_exports(tmp_path, weights, bias):
     data = str(tmp_path / "data")

@@ -52,6 +52,7 @@ def test_unknown_pooling_is_refused():
         EmbeddingBag(5, 2, "max")
 
 
+@pytest.mark.slow
 def test_a_model_with_learned_ngram_weights_trains_and_reloads(tmp_path):
     data = str(tmp_path / "data")
     generate(data, products=150, impressions=2000, seed=2, image_dim=0)

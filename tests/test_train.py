@@ -24,10 +24,8 @@ from tf_q2e.train import HistoryFile, build_model, load_model, split_reading, tr
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synth"))
-    generate(out, products=400, impressions=8000, seed=3, image_dim=4, ground_truth_queries=10)
-    return out
+def data_dir(marketplace):
+    return marketplace
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +36,7 @@ def trained(data_dir, tmp_path_factory):
     return run, config, history
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss_and_learns_engagement(trained):
     _, _, history = trained
     assert history["val_loss"][-1] < history["val_loss"][0]
@@ -46,6 +45,7 @@ def test_training_lowers_validation_loss_and_learns_engagement(trained):
     assert history["recall_at_1"][-1] > history["recall_at_1"][0]
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_two_task_losses_weighted_by_lambda(trained, data_dir):
     # Validation ends on a short batch (the split is no multiple of the batch): `loss` still
     # equals its parts as logged, each a mean over rows, not over batches.
@@ -60,6 +60,7 @@ def test_logged_loss_is_the_two_task_losses_weighted_by_lambda(trained, data_dir
                                           weight * np.asarray(history[prefix + "engagement_loss"])), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_directory_records_the_run(trained, data_dir):
     run, config, history = trained
     recorded_config = load_config(os.path.join(run, "config.yaml"))
@@ -82,6 +83,7 @@ def _vectors(model, data_dir):
     return [v.numpy() for v in model(batch, training=False)]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_restores_the_trained_model(trained, data_dir):
     run, config, _ = trained
     final = _vectors(load_model(run), data_dir)
@@ -146,6 +148,7 @@ def test_engagement_auc_ranks_cosines_that_the_bce_sigmoid_saturates():
     assert model.engagement_auc.result().numpy() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trains_tables", [True, False])
 def test_engagement_gradient_reaches_the_tables_only_when_asked(data_dir, trains_tables):
     """One step of λ = 0.5 against one step of λ = 0 from the same weights: without
@@ -177,6 +180,7 @@ def test_q2e_train_needs_data(capsys):
     assert "no data set given" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mirrored_training_on_two_logical_cpus_and_batch_divisibility(data_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
@@ -217,6 +221,7 @@ def test_featurizing_in_the_pipeline_gives_the_same_vectors(data_dir):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_with_float32_scores(data_dir, tmp_path, precision):
     config = load_config(None, SMALL + [f"train.mixed_precision={precision}", "train.epochs=1", "train.steps_per_epoch=5",
@@ -227,6 +232,7 @@ def test_mixed_precision_trains_with_float32_scores(data_dir, tmp_path, precisio
     assert tf.keras.mixed_precision.global_policy().name == "float32"  # restored after training
 
 
+@pytest.mark.slow
 def test_xla_switch_compiles_the_dense_parts_with_the_same_loss_and_gradients(data_dir):
     batch = next(iter(dataset_from_dir(data_dir, "train", 32, training=False)))
     results = {}
@@ -259,6 +265,7 @@ def test_shared_text_encoder_is_one_siamese_text_path():
     assert count(separate) - count(model) == table + 2 * mlp
 
 
+@pytest.mark.slow
 def test_learned_engagement_bias_trains_through_model_fit(data_dir, tmp_path):
     config = load_config(None, SMALL + ["model.engagement_bias=learned", "train.epochs=1", "train.steps_per_epoch=3",
                                         "train.validation_steps=1", "train.cache=none"])
@@ -303,6 +310,7 @@ class _Interrupt(tf.keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
+@pytest.mark.slow
 def test_history_file_keeps_the_epochs_before_a_backup_resume(tmp_path):
     """history.json after BackupAndRestore resumes at epoch 3 of 5: epochs 1-2 of the interrupted fit, then 3-5.
 
@@ -343,6 +351,7 @@ def test_history_file_keeps_the_epochs_before_a_backup_resume(tmp_path):
     assert len(fresh.finish()["loss"]) == 1
 
 
+@pytest.mark.slow
 def test_history_file_lists_every_epoch_when_early_stopping_restores_the_best_weights(tmp_path):
     x, y = np.random.default_rng(0).normal(size=(32, 2)), np.zeros((32, 1))
     history_file = HistoryFile(str(tmp_path / "history.json"))
