@@ -109,7 +109,7 @@ from tf_q2e.bm25 import BM25Index, product_texts, read_catalog  # noqa: E402
 from tf_q2e.data import schema as S  # noqa: E402
 from tf_q2e.judged import load_judged, split_path  # noqa: E402
 from tf_q2e.metrics import mean_defined, per_query_auc, roc_auc  # noqa: E402
-from tf_q2e.optimizers import make_optimizer  # noqa: E402
+from tf_q2e.optimizers import SparseAdam  # noqa: E402
 from tf_q2e.retrievers import dense_retriever_for_run  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -375,7 +375,7 @@ def print_query_bias(terms: Terms, model, train: Pairs, validation: Pairs, test:
         r = tf.Variable(tf.zeros([len(terms._ids) + 1]))
         a, b = tf.Variable(0.0), tf.Variable(0.0)
         variables = [r, a, b] if words else [a, b]
-        optimizer = make_optimizer("adam", model.config.train.learning_rate)
+        optimizer = SparseAdam(model.config.train.learning_rate)
 
         @tf.function
         def step(ids, score, y):

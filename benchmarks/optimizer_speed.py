@@ -37,7 +37,7 @@ import tf_q2e  # noqa: E402,F401  (Keras 2 before TensorFlow)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_q2e.optimizers import SparseAdam, make_optimizer  # noqa: E402
+from tf_q2e.optimizers import SparseAdam  # noqa: E402
 
 LEARNING_RATE = 7e-4  # Que2Search
 
@@ -46,7 +46,6 @@ OPTIMIZERS = {
     "Adam (tf.keras, dense)": lambda: tf.keras.optimizers.Adam(LEARNING_RATE),
     "SparseAdam (lazy)": lambda: SparseAdam(LEARNING_RATE),
     "Adagrad (tf.keras)": lambda: tf.keras.optimizers.Adagrad(LEARNING_RATE),
-    "make_optimizer('adagrad')": lambda: make_optimizer("adagrad", LEARNING_RATE),
 }
 
 

@@ -45,7 +45,7 @@ from tf_q2e.data import schema as S  # noqa: E402
 from tf_q2e.data.pipeline import ImpressionPipeline  # noqa: E402
 from tf_q2e.data.synth import generate  # noqa: E402
 from tf_q2e.data.validate import dataset_files  # noqa: E402
-from tf_q2e.optimizers import make_optimizer  # noqa: E402
+from tf_q2e.optimizers import SparseAdam  # noqa: E402
 from tf_q2e.train import build_model, split_reading  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         catalog, splits = dataset_files(data_dir)
         pipeline = ImpressionPipeline([splits["train"]], catalog)
         context_columns = tuple(c for c in pipeline.columns if S.is_query_context(c))
-        print(f"threads: {os.cpu_count()} CPUs; batch {batch_size}; optimizer {config.train.optimizer}; "
+        print(f"threads: {os.cpu_count()} CPUs; batch {batch_size}; optimizer SparseAdam; "
               f"buckets {config.features.buckets} x {config.model.text_embedding_dim}; data {data_dir}")
 
         # 1. The train step alone, on the same in-memory batches.
@@ -113,11 +113,11 @@ def main(argv=None) -> int:
         featurize = reading["chunk_fn"] or (lambda batch: batch)
         batches = iter(pipeline.dataset(batch_size, training=True, shuffle_buffer=20_000, seed=0)
                        .take(CACHED_BATCHES).map(featurize).cache().repeat().prefetch(2))
-        q2e.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate))
+        q2e.compile(optimizer=SparseAdam(config.train.learning_rate))
         plain = PlainRetrieval(q2e.query_tower.__class__(config.features, config.model, context_columns, name="query_tower"),
                                q2e.product_tower.__class__(config.features, config.model, pipeline.image_dim, name="product_tower"),
                                config.model.scale)
-        plain.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate))
+        plain.compile(optimizer=SparseAdam(config.train.learning_rate))
         for model in (q2e, plain):
             model.make_train_function()
             _time_steps(model, batches, CACHED_BATCHES)  # trace, warm up, fill the cache
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
         # 2. End to end: model.fit reading the Parquet pipeline, two epochs as train.py reads them.
         fit_model = build_model(config, pipeline.image_dim, context_columns)
-        fit_model.compile(optimizer=make_optimizer(config.train.optimizer, config.train.learning_rate),
+        fit_model.compile(optimizer=SparseAdam(config.train.learning_rate),
                           steps_per_execution=config.train.steps_per_execution)
         reading = split_reading(config.train, rows, fit_model)
         data = pipeline.dataset(batch_size, training=True, shuffle_buffer=config.train.shuffle_buffer, seed=0, repeat=True,

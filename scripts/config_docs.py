@@ -49,7 +49,7 @@ Override any field from the command line with `--set section.field=value`
 `tf_q2e.load_config(path, overrides=["section.field=value"])`:
 
 ```sh
-q2e train --config configs/default.yaml --set train.epochs=5 --set model.fusion=concat --out runs/x
+q2e train --config configs/default.yaml --set train.epochs=5 --set model.text_sharing=tables --out runs/x
 ```
 
 A mapping field updates its default mapping: `--set

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+import yaml
 
 import tf_q2e
 from conftest import SMALL, good_impressions, impression
@@ -20,7 +21,7 @@ from tf_q2e.errors import InputError
 from tf_q2e.features import TextHasher
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.terms import TermChannel
-from tf_q2e.towers import (AttentionFusion, ConcatFusion, EmbeddingBag, HashedCategorical, ModalityDropout, ProductTower,
+from tf_q2e.towers import (AttentionFusion, EmbeddingBag, HashedCategorical, ModalityDropout, ProductTower,
                            QueryTower, TextModality, _Sum)
 
 FEATURES = FeaturesConfig(buckets=512, category_buckets=32, context_buckets=16, max_words=8)
@@ -71,7 +72,6 @@ LAYERS = {
     "HashedCategorical": (lambda: HashedCategorical(32, 4), lambda l: l(ROWS["product_category"])),
     "ModalityDropout": (lambda: ModalityDropout(0.5, seed=3), lambda l: l(tf.ones([3, 4]), training=False)),
     "AttentionFusion": (lambda: AttentionFusion(), lambda l: l(tf.reshape(tf.range(24, dtype=tf.float32), [3, 2, 4]) / 24)),
-    "ConcatFusion": (lambda: ConcatFusion(8, 4), lambda l: l(tf.reshape(tf.range(24, dtype=tf.float32), [3, 2, 4]) / 24)),
     "_Sum": (lambda: _Sum([HashedCategorical(16, 4), HashedCategorical(8, 4)]),
              lambda l: l([ROWS["query_country"], ROWS["product_category"]])),
     "TermChannel": (lambda: TermChannel(16, 0.5, "mean", learned_weights=True, query_bias=True),
@@ -83,7 +83,7 @@ LAYERS = {
                                                  query_bias=True, term_weights="engagement", text_sharing="encoder")),
         lambda l: l(ROWS, return_bias=True)),
     "ProductTower": (lambda: ProductTower(FEATURES, ModelConfig(embedding_dim=8, text_embedding_dim=8, hidden_dim=16,
-                                                                fusion="concat", text_sharing="tables"), image_dim=3),
+                                                                text_sharing="tables"), image_dim=3),
                      lambda l: l(ROWS)),
     "ScaledSoftmaxRetrieval": (lambda: ScaledSoftmaxRetrieval(5.0, cross_replica=False),
                                lambda l: l(tf.eye(3), tf.eye(3), product_ids=ROWS["product_id"]).loss),
@@ -188,11 +188,28 @@ def test_early_stopping_falls_back_when_its_monitor_is_nan():
     assert EarlyStopping("val_loss").monitor_op == np.less and EarlyStopping("val_recall_at_1").monitor_op == np.greater
 
 
-def test_removed_config_keys_name_their_replacement():
-    from tf_q2e.config import ConfigError
+def test_removed_config_keys_load_when_they_meant_todays_behaviour_and_name_the_fix_otherwise(tmp_path):
+    from tf_q2e.config import Config, ConfigError
 
-    with pytest.raises(ConfigError, match="model.share_text_encoder was removed: use model.text_sharing: encoder"):
-        load_config(None, ["model.share_text_encoder=true"])
+    # A run directory's config.yaml of an earlier version: every key written out, the removed ones included.
+    old = Config().to_dict()
+    old["model"].update(fusion="attention", logq_correction=False, term_in_training=False, share_text_tables=True,
+                        share_text_encoder=False)
+    del old["model"]["text_sharing"]
+    old["train"]["optimizer"] = "adam"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(str(path)).model.text_sharing == "tables"
+    assert Config.from_dict(old) == load_config(str(path))
+    assert load_config(None, ["model.share_text_encoder=true"]).model.text_sharing == "encoder"
+    for override, words in [("model.fusion=concat", "model.fusion ('concat') was removed: attention fusion is the only"),
+                            ("model.logq_correction=true", "model.logq_correction (True) was removed"),
+                            ("train.optimizer=adagrad", "train.optimizer ('adagrad') was removed: Adam"),
+                            ("model.term_in_training=true", "model.term_in_training (True) was removed")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(None, ["model.share_text_encoder=true", "model.text_sharing=none"])
     with pytest.raises(ConfigError, match="model.engagement_bias_lr_multiplier"):
         load_config(None, ["model.engagement_bias_lr_multiplier=0"])
 

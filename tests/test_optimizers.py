@@ -1,4 +1,4 @@
-"""Tests of `tf_q2e.optimizers`: lazy (row-sparse) Adam, Adagrad, `make_optimizer`.
+"""Tests of `tf_q2e.optimizers`: lazy (row-sparse) Adam.
 
 Expected numbers come from a NumPy lazy-Adam reference written here. The
 2-replica test runs in a subprocess, because logical CPU devices must be
@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_q2e.errors import ConfigError
-from tf_q2e.optimizers import SparseAdagrad, SparseAdam, make_optimizer, sum_duplicate_rows
+from tf_q2e.optimizers import SparseAdam, sum_duplicate_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETA_1, BETA_2, EPS = 0.1, 0.9, 0.999, 1e-7
@@ -174,20 +173,6 @@ def test_jit_compile_keeps_sparse_updates_out_of_xla():
     assert optimizer._dense_update_step_xla.experimental_get_tracing_count() == 1
 
 
-# --- Adagrad ----------------------------------------------------------------------------------
-
-
-def test_sparse_adagrad_equals_keras_adagrad_and_leaves_untouched_rows():
-    ours_var, keras_var = tf.Variable(table()), tf.Variable(table())
-    ours, keras = SparseAdagrad(LR), tf.keras.optimizers.Adagrad(LR)
-    for rows, step in SPARSE_STEPS + [([3, 3], 4)]:
-        grad = tf.IndexedSlices(tf.constant(sparse_grad(rows, step)), tf.constant(rows))
-        ours.apply_gradients([(grad, ours_var)])
-        keras.apply_gradients([(grad, keras_var)])
-    np.testing.assert_array_equal(ours_var.numpy(), keras_var.numpy())
-    np.testing.assert_array_equal(ours_var.numpy()[5], table()[5])
-
-
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -212,12 +197,11 @@ def regression_data(n=64, length=5, used_rows=40):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, learning_rate", [("adam", 0.05), ("adagrad", 0.5)])
-def test_model_fit_decreases_loss(name, learning_rate):
+def test_model_fit_decreases_loss():
     tf.keras.utils.set_random_seed(0)
     ids, target = regression_data()
     model = embedding_model()
-    model.compile(make_optimizer(name, learning_rate), "mse")
+    model.compile(SparseAdam(0.05), "mse")
     history = model.fit(ids, target, batch_size=16, epochs=5, shuffle=False, verbose=0)
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
 
@@ -305,31 +289,9 @@ def test_get_config_from_config_round_trip():
     np.testing.assert_allclose(float(clone.learning_rate), 7e-4, rtol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [SparseAdam, SparseAdagrad])
-def test_keras_serialize_deserialize_finds_registered_class(cls):
-    restored = tf.keras.optimizers.deserialize(tf.keras.optimizers.serialize(cls(0.01)))
-    assert type(restored) is cls
-
-
-# --- make_optimizer ---------------------------------------------------------------------------
-
-
-def test_make_optimizer_types_and_learning_rate():
-    adam, adagrad = make_optimizer("adam", 7e-4), make_optimizer(" Adagrad ", 0.05)
-    assert type(adam) is SparseAdam and isinstance(adam, tf.keras.optimizers.Adam)
-    assert type(adagrad) is SparseAdagrad and isinstance(adagrad, tf.keras.optimizers.Adagrad)
-    np.testing.assert_allclose(float(adam.learning_rate), 7e-4, rtol=1e-6)
-    np.testing.assert_allclose(float(adagrad.learning_rate), 0.05, rtol=1e-6)
-
-
-def test_make_optimizer_unknown_name_names_the_choices():
-    with pytest.raises(ValueError, match=r"'sgd'.*adam, adagrad"):
-        make_optimizer("sgd", 0.1)
-
-
-def test_make_optimizer_rejects_non_positive_learning_rate():
-    with pytest.raises(ConfigError, match="learning_rate"):
-        make_optimizer("adam", 0.0)
+def test_keras_serialize_deserialize_finds_registered_class():
+    restored = tf.keras.optimizers.deserialize(tf.keras.optimizers.serialize(SparseAdam(0.01)))
+    assert type(restored) is SparseAdam
 
 
 # --- 2 replicas vs 1 device (subprocess) -------------------------------------------------------
@@ -342,9 +304,8 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from tf_q2e.optimizers import make_optimizer
+    from tf_q2e.optimizers import SparseAdam
 
-    name = sys.argv[1]
     rng = np.random.RandomState(0)
     # 32 rows of 4 ids from 20: ids repeat within a row, within a replica's half and across halves.
     ids = rng.randint(0, 20, size=(32, 4))
@@ -357,13 +318,13 @@ _MIRRORED_SCRIPT = textwrap.dedent(
                 tf.keras.layers.Embedding(20, 3), tf.keras.layers.GlobalAveragePooling1D(), tf.keras.layers.Dense(1)])
             model.build([None, 4])
             model.set_weights(init)
-            optimizer = make_optimizer(name, 0.05)
+            optimizer = SparseAdam(0.05)
             optimizer.jit_compile = jit_compile  # tf-keras turns it off on CPU; force it
             model.compile(optimizer, "mse")
         data = tf.data.Dataset.from_tensor_slices((ids, target)).batch(8)  # global batch 8
         model.fit(data, epochs=2, verbose=0)
         index = optimizer._index_dict[optimizer._var_key(model.layers[0].embeddings)]
-        slot = (optimizer._momentums if name == "adam" else optimizer._accumulators)[index]
+        slot = optimizer._momentums[index]
         return model.get_weights() + [slot.numpy()], strategy.num_replicas_in_sync
 
     one, n1 = train(tf.distribute.get_strategy())
@@ -380,11 +341,10 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adam", "adagrad"])
-def test_mirrored_two_replicas_equal_one_device(name):
+def test_mirrored_two_replicas_equal_one_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-c", _MIRRORED_SCRIPT, name], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+        [sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -85,7 +85,7 @@ def test_training_reads_the_pseudo_queries_with_the_split(data_dir, tmp_path, mo
 
     monkeypatch.setattr(train_module, "ImpressionPipeline", Spy)
     run = str(tmp_path / "run")
-    config = load_config(None, SMALL + ["data.pseudo_queries=3", "model.logq_correction=true", "train.epochs=1",
+    config = load_config(None, SMALL + ["data.pseudo_queries=3", "train.epochs=1",
                                         "train.cache=none"])
     history = train_module.train(config, data_dir, run, verbose=0)
     path = os.path.join(run, PSEUDO_QUERY_FILE)

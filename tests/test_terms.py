@@ -86,7 +86,7 @@ def test_the_contrastive_task_trains_on_the_cosine_alone():
     assert q.shape[1] == d + 64  # the towers carry the channel at use
     # ... and in training only when the engagement task learns a part of it (not computed otherwise).
     assert model.query_tower(batch, training=True).shape[1] == d
-    with pytest.raises(ConfigError, match="model.term_in_training was removed"):
+    with pytest.raises(ConfigError, match=r"model.term_in_training \(True\) was removed"):
         load_config(None, ["model.term_in_training=true"])
 
 

@@ -82,12 +82,41 @@ class FeaturesConfig:
 
 MAX_BUCKETS = 2**31 - 1  # most rows of a hashed embedding table (TextHasher's limit)
 
-# Keys of earlier versions, with what replaced them (a run directory's config.yaml may hold them).
+# Keys of earlier versions: the value that meant today's behaviour (such a key is dropped, so a run
+# directory's config.yaml of an earlier version still loads) and what to do for any other value.
 REMOVED_KEYS = {
-    "model.share_text_tables": "use model.text_sharing: tables (or encoder, which shares the MLP too)",
-    "model.share_text_encoder": "use model.text_sharing: encoder",
-    "model.term_in_training": "the contrastive task always trains on the cosine; delete the key",
+    "model.term_in_training": (False, "the contrastive task always trains on the cosine; delete the key"),
+    "model.fusion": ("attention", "attention fusion is the only fusion (concat lost to it on every measured "
+                                  "metric: docs/experiments/options.md); delete the key"),
+    "model.logq_correction": (False, "logQ correction lost recall and ground-truth quality on the synthetic "
+                                     "marketplace (docs/experiments/options.md); delete the key"),
+    "train.optimizer": ("adam", "Adam (tf_q2e.SparseAdam) is the only optimizer (Adagrad barely learned: "
+                                "docs/experiments/options.md); delete the key"),
 }
+# Two booleans of earlier versions that model.text_sharing replaced.
+SHARING_KEYS = {"share_text_encoder": "encoder", "share_text_tables": "tables"}
+
+
+def _migrate(raw: dict) -> dict:
+    """`raw` with the keys of earlier versions replaced (a copy); a removed key with a value other than
+    today's behaviour is a ConfigError that says what to do."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for dotted, (kept, fix) in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            if values[key] != kept:
+                raise ConfigError(f"{dotted} ({values[key]!r}) was removed: {fix}")
+            del values[key]
+    model = raw.get("model")
+    if isinstance(model, dict) and any(k in model for k in SHARING_KEYS):
+        shared = [value for key, value in SHARING_KEYS.items() if model.pop(key, False) is True]
+        sharing = shared[0] if shared else "none"  # encoder shares the tables too
+        if model.setdefault("text_sharing", sharing) != sharing:
+            raise ConfigError(f"model.text_sharing ({model['text_sharing']!r}) and the removed "
+                              f"{', '.join('model.' + k for k in SHARING_KEYS)} disagree; keep model.text_sharing alone")
+    return raw
+
 
 MODALITIES = ("query_text", "query_context", "title", "description", "category", "image")
 
@@ -100,8 +129,6 @@ class ModelConfig:
       embedding_dim: D, the length of the L2-normalised query/product vectors.
       text_embedding_dim: width of the hashed n-gram tables.
       hidden_dim: hidden width of each modality's MLP.
-      fusion: `attention` (Que2Search: a = softmax([φ_1‖…‖φ_N] W), f = Σ a_i φ_i)
-        or `concat` (concatenate, then an MLP).
       text_sharing: what the query text, the title and the description share:
         `none` (each has its own n-gram table and MLP), `tables` (one n-gram
         table for all three, an MLP each) or `encoder` (one table and one MLP:
@@ -161,14 +188,11 @@ class ModelConfig:
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
-      logq_correction: subtract log of each product's training frequency from its
-        logits (sampling-bias correction of in-batch negatives).
     """
 
     embedding_dim: int = 64
     text_embedding_dim: int = 64
     hidden_dim: int = 128
-    fusion: Literal["attention", "concat"] = "attention"
     text_sharing: Literal["none", "tables", "encoder"] = "none"
     text_pooling: Literal["mean", "weighted"] = "mean"
     modality_dropout: dict[str, float] = field(
@@ -187,7 +211,6 @@ class ModelConfig:
     query_bias: bool = False
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
-    logq_correction: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,9 +225,8 @@ class TrainConfig:
       steps_per_epoch: cap on steps per epoch; null = the whole split.
       validation_steps: cap on validation steps; null = the whole split (on
         several replicas, its full global batches: every replica gets an equal share).
-      optimizer: `adam` (Que2Search; embedding tables get sparse, lazy updates)
-        or `adagrad`.
-      learning_rate: Que2Search used 7e-4 with Adam.
+      learning_rate: of Adam (`tf_q2e.SparseAdam`: the embedding tables get
+        sparse, lazy updates); Que2Search used 7e-4.
       strategy: `default` (one device), `mirrored` (all GPUs, or
         `num_devices` logical CPUs when there is no GPU), `multi_worker`
         (MultiWorkerMirroredStrategy from TF_CONFIG).
@@ -237,7 +259,6 @@ class TrainConfig:
     epochs: int = 3
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
-    optimizer: Literal["adam", "adagrad"] = "adam"
     learning_rate: float = 7e-4
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     num_devices: int | None = None
@@ -311,7 +332,7 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
         """The config of a mapping of sections (as `to_dict` gives), checked like a YAML file."""
-        cfg = _build(cls, raw, "")
+        cfg = _build(cls, _migrate(raw), "")
         _check(cfg)
         return cfg
 
@@ -419,7 +440,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _migrate(raw), "")
     _check(cfg)
     return cfg
 
@@ -503,8 +524,6 @@ def _build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
-        if _join(prefix, str(key)) in REMOVED_KEYS:
-            raise ConfigError(f"config key {_join(prefix, str(key))} was removed: {REMOVED_KEYS[_join(prefix, str(key))]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {_join(prefix, close[0])}?" if close else f"; known fields: {', '.join(names)}"

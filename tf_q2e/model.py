@@ -52,9 +52,6 @@ class Que2EngageModel(tfrs.Model):
       config: the resolved configuration (features, model), or its dict (`Config.to_dict`).
       image_dim: length of `product_image_embedding` (0: the data has none).
       context_columns: the query context columns of the data, e.g. `("query_country",)`.
-      product_log_q: for logQ correction in training, a `tf.lookup` table from
-        product id to the log of its training frequency (`model.logq_correction`);
-        a model only used for inference needs none.
       seed: seed of modality dropout.
       jit_compile: XLA-compile the towers' dense parts (`train.jit_compile`).
 
@@ -66,7 +63,6 @@ class Que2EngageModel(tfrs.Model):
         config: Config | dict,
         image_dim: int = 0,
         context_columns: tuple[str, ...] = (),
-        product_log_q: tf.lookup.StaticHashTable | None = None,
         seed: int | None = None,
         jit_compile: bool = False,
         **kwargs,
@@ -92,7 +88,6 @@ class Que2EngageModel(tfrs.Model):
         self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned",
                                         bias_lr_multiplier=m.engagement_bias_lr_multiplier, name="engagement")
         self.engagement_weight = float(m.engagement_weight)
-        self.product_log_q = product_log_q if m.logq_correction else None
         self.contrastive_loss = tf.keras.metrics.Mean(name="contrastive_loss")
         self.engagement_loss = _LabelledMean(name="engagement_loss")
         self.loss_tracker = _WeightedSum(self.contrastive_loss, self.engagement_loss, self.engagement_weight, name="loss")
@@ -188,13 +183,7 @@ class Que2EngageModel(tfrs.Model):
         cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
         with_channel = channel_in_training(m)
         bce_pair = (queries, products) if with_channel else cosine
-        log_q = None
-        if m.logq_correction:
-            if self.product_log_q is None:
-                raise ValueError("model.logq_correction: training needs product_log_q (product frequencies of the "
-                                 "training data: tf_q2e.train.product_log_frequencies)")
-            log_q = self.product_log_q.lookup(features[S.PRODUCT_ID])
-        ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID], product_log_q=log_q)
+        ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID])
         bce = self.engagement(*bce_pair, features[S.ENGAGED], query_bias=query_bias if m.query_bias else None)
         self.contrastive_loss.update_state(ctr.row_losses)
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
@@ -282,7 +271,7 @@ class _WeightedSum(tf.keras.metrics.Metric):
 
 
 def build_model(config: Config | str | dict | None = None, schema_or_dataset=None, *, seed: int | None = None,
-                jit_compile: bool | None = None, product_log_q=None) -> Que2EngageModel:
+                jit_compile: bool | None = None) -> Que2EngageModel:
     """A `Que2EngageModel` with its variables created, for the data that `schema_or_dataset` describes.
 
     Args:
@@ -292,8 +281,6 @@ def build_model(config: Config | str | dict | None = None, schema_or_dataset=Non
         `tf_q2e.data.FeatureSchema`; None = no image embedding and no query context.
       seed: seed of modality dropout (default `train.seed`).
       jit_compile: XLA-compile the towers' dense parts (default `train.jit_compile`).
-      product_log_q: for `model.logq_correction`, product id → log training frequency
-        (`tf_q2e.train.product_log_frequencies`).
 
     Call it inside `strategy.scope()` to train on several devices. The
     caller passes no batch: the towers run once on placeholder rows.
@@ -311,7 +298,7 @@ def build_model(config: Config | str | dict | None = None, schema_or_dataset=Non
     elif isinstance(config, dict):
         config = Config.from_dict(config)
     schema = FeatureSchema.of(schema_or_dataset) if schema_or_dataset is not None else FeatureSchema()
-    model = Que2EngageModel(config, schema.image_dim, schema.context_columns, product_log_q,
+    model = Que2EngageModel(config, schema.image_dim, schema.context_columns,
                             seed=config.train.seed if seed is None else seed,
                             jit_compile=config.train.jit_compile if jit_compile is None else jit_compile)
     return model.build_from_schema()

@@ -7,9 +7,7 @@ batch of 768 touches at most ~30k of the 262k rows. tf-keras's `Adam` still deca
 O(table). `SparseAdam` is the "lazy" Adam of TF1's `LazyAdamOptimizer` and
 TF-Addons' `tfa.optimizers.LazyAdam`: it updates only the touched rows.
 
-`make_optimizer` maps `train.optimizer` ("adam" | "adagrad") to an optimizer.
-
-Both optimizers keep `IndexedSlices` updates out of XLA. tf-keras optimizers
+`SparseAdam` keeps `IndexedSlices` updates out of XLA. tf-keras optimizers
 default to `jit_compile=True` when a GPU is present (on a CPU-only machine they
 silently switch it off), and run each variable's update in a
 `tf.function(jit_compile=True)`. The number of unique rows changes from batch to
@@ -19,7 +17,7 @@ against ~1 ms for a cached shape. Dense gradients still go through XLA.
 (`model.compile(jit_compile=True)` compiles the whole train step, optimizer
 included, which Keras controls; with these optimizers it trains on CPU.)
 
-These classes override two private tf-keras hooks, `_update_step_xla` and
+The class overrides two private tf-keras hooks, `_update_step_xla` and
 `_deduplicate_sparse_grad` (tf-keras 2.20). If a later tf-keras renames them,
 the overrides go dead and the behaviour falls back to tf-keras's (XLA for
 sparse updates; repeated rows summed twice, which is still correct).
@@ -27,13 +25,9 @@ sparse updates; repeated rows summed twice, which is still correct).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import tensorflow as tf
 
-from tf_q2e.errors import ConfigError
-
-__all__ = ["OPTIMIZER_NAMES", "SparseAdagrad", "SparseAdam", "make_optimizer", "sum_duplicate_rows"]
+__all__ = ["SparseAdam", "sum_duplicate_rows"]
 
 
 def sum_duplicate_rows(gradient: tf.IndexedSlices) -> tf.IndexedSlices:
@@ -197,80 +191,3 @@ class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
         # tf-keras's Adam.get_config drops `adaptive_epsilon`.
         config["adaptive_epsilon"] = self.adaptive_epsilon
         return config
-
-
-@tf.keras.utils.register_keras_serializable(package="tf_q2e")
-class SparseAdagrad(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adagrad):
-    """tf-keras `Adagrad`, with `IndexedSlices` updates kept out of XLA.
-
-    tf-keras's Adagrad is already row-sparse for `IndexedSlices` gradients
-    (`scatter_add` into the accumulator, `gather`, `scatter_add` into the
-    variable), and its `apply_gradients` sums repeated rows. `SparseAdagrad`
-    gives exactly `tf.keras.optimizers.Adagrad`'s numbers, with two changes
-    in how: sparse updates never run under XLA (`jit_compile`), where each new
-    number of touched rows would recompile (see the module docstring); and the
-    touched rows are written with gather + `scatter_update` instead of
-    `scatter_add`, which is faster on CPU (`update_step` sums repeated rows
-    first, so a direct call is correct too).
-
-    Update of touched row r (untouched rows do not change):
-        a_r <- a_r + g_r^2;   theta_r <- theta_r - lr g_r / sqrt(a_r + epsilon)
-
-    Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods", JMLR 2011.
-    """
-
-    def __init__(self, learning_rate=0.001, name="SparseAdagrad", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-
-    def _deduplicate_sparse_grad(self, grads):
-        # `update_step` sums repeated rows itself (see `SparseAdam`).
-        return list(grads)
-
-    def update_step(self, grad, variable):
-        """Updates `variable` from `grad`: row-sparse for `IndexedSlices`, as `Adagrad` otherwise."""
-        if not isinstance(grad, tf.IndexedSlices):
-            return super().update_step(grad, variable)
-        grad = sum_duplicate_rows(grad)
-        rows, values = grad.indices, grad.values  # [U], [U, D...]
-        lr = tf.cast(self.learning_rate, variable.dtype)
-        accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
-        # The same arithmetic as `Adagrad.update_step`, with scatter_update
-        # in place of the slower scatter_add (see `_scatter_sub_unique`).
-        accumulator_rows = tf.gather(accumulator, rows) + values * values
-        accumulator.scatter_update(tf.IndexedSlices(accumulator_rows, rows))
-        step = -lr * values / tf.sqrt(accumulator_rows + self.epsilon)
-        return variable.scatter_update(tf.IndexedSlices(tf.gather(variable, rows) + step, rows))
-
-
-OPTIMIZER_NAMES = ("adam", "adagrad")
-
-_FACTORIES: dict[str, Callable[[float], tf.keras.optimizers.Optimizer]] = {
-    "adam": lambda learning_rate: SparseAdam(learning_rate=learning_rate),
-    "adagrad": lambda learning_rate: SparseAdagrad(learning_rate=learning_rate),
-}
-
-
-def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:
-    """The optimizer that `train.optimizer` names, with sparse updates of embedding tables.
-
-    Args:
-        name: "adam" (`SparseAdam`, lazy Adam; Que2Search used Adam with
-            learning rate 7e-4) or "adagrad" (`SparseAdagrad`, i.e. tf-keras
-            Adagrad). Case and surrounding spaces are ignored.
-        learning_rate: a positive float, or a
-            `tf.keras.optimizers.schedules.LearningRateSchedule`.
-
-    Returns:
-        A new, unbuilt tf-keras optimizer.
-
-    Raises:
-        ValueError (`ConfigError`): unknown name, or a non-positive learning rate.
-    """
-    key = str(name).strip().lower()
-    if key not in _FACTORIES:
-        raise ConfigError(
-            f"optimizer {name!r} is not known (train.optimizer); choose one of: {', '.join(OPTIMIZER_NAMES)}"
-        )
-    if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
-        raise ConfigError(f"learning_rate ({learning_rate}) must be positive (train.learning_rate)")
-    return _FACTORIES[key](learning_rate)

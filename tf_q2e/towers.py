@@ -17,7 +17,7 @@ a number that the engagement task adds to the dot product and that ranking
 leaves out.
 
 Fusion is Que2Search's attention fusion, `a = softmax([φ_1‖…‖φ_N] W)`,
-`f = Σ_i a_i φ_i`, or concatenation followed by an MLP. Text is featurized in
+`f = Σ_i a_i φ_i`. Text is featurized in
 the graph (`features.TextHasher`), so the towers take raw strings and an
 exported tower serves raw strings.
 
@@ -224,23 +224,6 @@ class AttentionFusion(tf.keras.layers.Layer):
         return tf.einsum("bn,bnd->bd", tf.cast(weights, stacked.dtype), stacked)
 
 
-@serializable
-class ConcatFusion(tf.keras.layers.Layer):
-    """Concatenate the modality vectors and map them to D with an MLP."""
-
-    def __init__(self, hidden_dim: int, output_dim: int, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dim, self.output_dim = int(hidden_dim), int(output_dim)
-        self.mlp = _mlp(hidden_dim, output_dim, name="mlp")
-
-    def call(self, stacked: tf.Tensor) -> tf.Tensor:
-        shape = tf.shape(stacked)
-        return self.mlp(tf.reshape(stacked, [shape[0], stacked.shape[1] * stacked.shape[2]]))
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "hidden_dim": self.hidden_dim, "output_dim": self.output_dim}
-
-
 class _Tower(tf.keras.layers.Layer):
     """Modalities → modality dropout → fusion → L2 normalisation (float32) [→ term channel appended].
 
@@ -307,8 +290,7 @@ class _Tower(tf.keras.layers.Layer):
         self.dropouts[name] = ModalityDropout(rate, seed=seed, name=f"{name}_dropout")
 
     def _finish(self) -> None:
-        m = self.model_cfg
-        self.fusion = AttentionFusion(name="fusion") if m.fusion == "attention" else ConcatFusion(m.hidden_dim, m.embedding_dim, name="fusion")
+        self.fusion = AttentionFusion(name="fusion")
         self._head = _compiled(self._fuse, self.jit_compile)
 
     def _text_modalities(self) -> list[str]:

@@ -35,22 +35,17 @@ import json
 import os
 import sys
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import tensorflow as tf
 
 from tf_q2e.callbacks import EarlyStopping
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
-from tf_q2e.data.formats import file_format
 from tf_q2e.data.pipeline import ImpressionPipeline
 from tf_q2e.data.pseudo_queries import PSEUDO_QUERY_FILE, write_pseudo_queries
 from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
-from tf_q2e.errors import ConfigError, DataError, InputError
+from tf_q2e.errors import ConfigError, InputError
 from tf_q2e.model import Que2EngageModel
-from tf_q2e.optimizers import make_optimizer
+from tf_q2e.optimizers import SparseAdam
 from tf_q2e.saving import save
 
 MIXED_PRECISION_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -91,31 +86,12 @@ def make_strategy(config: Config) -> tf.distribute.Strategy:
     )
 
 
-def product_log_frequencies(train_files: list[str]) -> tf.lookup.StaticHashTable:
-    """Table product id -> log(its share of the training rows), for logQ correction.
-
-    Unseen products get the log share of a product seen once.
-    """
-    for path in train_files:
-        if file_format(path) != "parquet":
-            raise DataError(f"{path}: logQ correction reads product frequencies from Parquet files only")
-    ids = pa.concat_arrays([pq.read_table(path, columns=[S.PRODUCT_ID]).column(S.PRODUCT_ID).combine_chunks()
-                            for path in train_files])
-    counts = pc.value_counts(ids)
-    ids = counts.field("values").to_numpy(zero_copy_only=False).astype(object)
-    n = counts.field("counts").to_numpy().astype(np.float64)
-    log_p = np.log(n / n.sum()).astype(np.float32)
-    default = float(np.log(1.0 / n.sum()))
-    initializer = tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string), tf.constant(log_p))
-    return tf.lookup.StaticHashTable(initializer, default_value=default)
-
-
-def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...], product_log_q=None,
+def build_model(config: Config, image_dim: int, context_columns: tuple[str, ...],
                 jit_compile: bool | None = None) -> Que2EngageModel:
     """The model, with its variables created (call inside `strategy.scope()`); `jit_compile` None follows
     `train.jit_compile`. (`tf_q2e.build_model` takes a data set or a schema instead.)"""
     jit = config.train.jit_compile if jit_compile is None else jit_compile
-    return Que2EngageModel(config, image_dim, context_columns, product_log_q, seed=config.train.seed,
+    return Que2EngageModel(config, image_dim, context_columns, seed=config.train.seed,
                            jit_compile=jit).build_from_schema()
 
 
@@ -220,9 +196,8 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     tf.keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[t.mixed_precision])
     try:
         with strategy.scope():
-            log_q = product_log_frequencies(train_files) if config.model.logq_correction else None
-            model = build_model(config, pipeline.image_dim, context_columns, log_q)
-            model.compile(optimizer=make_optimizer(t.optimizer, t.learning_rate), steps_per_execution=_steps_per_execution(t))
+            model = build_model(config, pipeline.image_dim, context_columns)
+            model.compile(optimizer=SparseAdam(t.learning_rate), steps_per_execution=_steps_per_execution(t))
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 
