@@ -320,6 +320,17 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: one section per stage (docs/configuration.md lists every field).
+
+    Build one with `load_config(path, overrides)` (YAML, strict keys), `Config()` (the defaults),
+    `dataclasses.replace` or `Config.from_dict`; a run records `to_yaml()`.
+
+    Example:
+        cfg = load_config(None, ["model.engagement_weight=0.5", "train.epochs=2"])
+        cfg.model.engagement_weight  # 0.5
+        Config.from_dict(cfg.to_dict()) == cfg  # True
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

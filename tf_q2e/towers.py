@@ -366,6 +366,11 @@ class QueryTower(_Tower):
 
     `text_bag`/`text_encoder`: an n-gram bag or a whole text encoder shared with the product tower
     (the model passes them per `model.text_sharing`); None builds the tower's own.
+
+    Example:
+        tower = QueryTower(FeaturesConfig(buckets=1024), ModelConfig(embedding_dim=8), ("query_country",))
+        vectors, bias = tower({"query": tf.constant(["red sofa"]), "query_country": tf.constant(["US"])},
+                              return_bias=True)  # [1, 8] unit vectors, [1] zeros (no query bias)
     """
 
     def __init__(
@@ -396,7 +401,13 @@ class QueryTower(_Tower):
 @serializable
 class ProductTower(_Tower):
     """Product fields (`product_title`, `product_description`, `product_category`,
-    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel)."""
+    `product_image_embedding`) → `[B, D]` unit vectors (`[B, D + K]` with a term channel).
+
+    Example:
+        tower = ProductTower(FeaturesConfig(buckets=1024), ModelConfig(embedding_dim=8))
+        tower({"product_title": tf.constant(["Red Sofa"]), "product_description": tf.constant([""]),
+               "product_category": tf.constant(["sofa"])})  # [1, 8] unit vectors
+    """
 
     def __init__(
         self,
