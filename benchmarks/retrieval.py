@@ -84,7 +84,7 @@ import tensorflow as tf  # noqa: E402
 
 from tf_q2e.config import load_config  # noqa: E402
 from tf_q2e.data import schema as S  # noqa: E402
-from tf_q2e.export import export_run  # noqa: E402
+from tf_q2e.savedmodels import export_run  # noqa: E402
 from tf_q2e.index import (  # noqa: E402
     INDEX_DIR, ScannOptions, SearchTimer, build_searcher, exact_top_k, search_arguments, tune, write_index,
 )

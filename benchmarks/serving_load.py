@@ -829,7 +829,7 @@ def main() -> int:
     wall0 = time.perf_counter()
     try:
         run = os.path.abspath(args.run) if args.run else make_run(work)
-        from tf_q2e.export import export_run
+        from tf_q2e.savedmodels import export_run
 
         base = os.path.join(work, "serving")
         if os.path.exists(base):

@@ -41,6 +41,15 @@ def test_the_public_names_import_lazily_without_tensorflow():
     assert tf_q2e.data.from_pandas and tf_q2e.data.from_files and tf_q2e.data.from_dir
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tf_q2e.nope  # noqa: B018
+    # No submodule shadows a public name once imported (importing `tf_q2e.x` sets the attribute `x`).
+    import importlib
+    import pkgutil
+    import types
+
+    for module in pkgutil.walk_packages(tf_q2e.__path__, "tf_q2e."):
+        importlib.import_module(module.name)
+    for name in names:
+        assert not isinstance(getattr(tf_q2e, name), types.ModuleType), f"tf_q2e.{name} is a module"
     out = subprocess.run([sys.executable, "-c", "import sys, tf_q2e; print('tensorflow' in sys.modules)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr[-1000:]

@@ -50,7 +50,7 @@ from test_serving import raw_predict, rest_call, strings
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.export import export_run
+from tf_q2e.savedmodels import export_run
 from tf_q2e.index import build_index
 from tf_q2e.serving.client import ServingClient
 from tf_q2e.serving.errors import ServingError

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tf_q2e.cli import main
 from tf_q2e.config import load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.export import MODELS_CONFIG, STOCK_MODELS_CONFIG, WARMUP_FILE, export_run
+from tf_q2e.savedmodels import MODELS_CONFIG, STOCK_MODELS_CONFIG, WARMUP_FILE, export_run
 from tf_q2e.index import PAD_SCORE, ScannOptions, build_index, exact_top_k, load_index, recall_at_k
 from tf_q2e.train import load_model, train
 

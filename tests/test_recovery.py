@@ -21,7 +21,7 @@ from conftest import SMALL
 from tensorflow.core.util import event_pb2
 
 from tf_q2e.config import load_config
-from tf_q2e.export import MODELS_CONFIG, WARMUP_FILE, export_run, next_version
+from tf_q2e.savedmodels import MODELS_CONFIG, WARMUP_FILE, export_run, next_version
 from tf_q2e.index import build_index
 from tf_q2e.serving.registry import ModelRegistry, discover_models, list_versions
 from tf_q2e.serving.signatures import Limits

@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import SMALL
 from tf_q2e.config import ConfigError, load_config
 from tf_q2e.data.synth import generate
-from tf_q2e.export import export_run
+from tf_q2e.savedmodels import export_run
 from tf_q2e.index import build_index, exact_top_k, load_index
 from tf_q2e.terms import WEIGHT_BUCKETS, TermChannel, light_stem
 from tf_q2e.train import build_model, load_model, train

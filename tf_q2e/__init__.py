@@ -87,7 +87,7 @@ _PUBLIC = {
     "load": "tf_q2e.saving",
     "Retriever": "tf_q2e.search",
     "Hit": "tf_q2e.search",
-    "export": "tf_q2e.export",
+    "export": "tf_q2e.savedmodels",
 }
 
 __all__ = ["__version__", "data", *_PUBLIC]

@@ -167,7 +167,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tf_q2e.export import export_run
+    from tf_q2e.savedmodels import export_run
 
     if args.k is not None and args.k < 1:
         raise InputError(f"--k ({args.k}) must be at least 1")

@@ -283,10 +283,10 @@ class Retriever:
                 for row in zip(ids, scores, titles, probability)]
 
     def export(self, base: str, name: str = "q2e", k: int | None = None, scann: bool | None = None, log=None) -> dict:
-        """Writes this retriever's model and products for TensorFlow Serving (`tf_q2e.export.export`):
+        """Writes this retriever's model and products for TensorFlow Serving (`tf_q2e.savedmodels.export`):
         `BASE/<name>/<version>` (stock ops), with `scann` (default: when this retriever searches with
         ScaNN) also `BASE/<name>_scann/<version>`, and `BASE/models.config`."""
-        from tf_q2e.export import export as export_models
+        from tf_q2e.savedmodels import export as export_models
 
         if self.model is None:
             raise InputError("a retriever of a SavedModel is exported already; copy its directory instead")
