@@ -78,7 +78,7 @@ LAYERS = {
     "EmbeddingBag": (lambda: EmbeddingBag(512, 4, "weighted"), lambda l: l(_ids())),
     "TextHasher": (lambda: TextHasher(512, word_bigrams=False, max_words=4), lambda l: l(ROWS["query"]).to_tensor()),
     "TextModality": (lambda: TextModality(TextHasher(512), EmbeddingBag(512, 4), 8, 4), lambda l: l(ROWS["query"])),
-    "HashedCategorical": (lambda: HashedCategorical(32, 4), lambda l: l(ROWS["product_category"])),
+    "HashedCategorical": (lambda: HashedCategorical(32, 4, empty_is_unknown=True), lambda l: l(ROWS["product_category"])),
     "ModalityDropout": (lambda: ModalityDropout(0.5, seed=3), lambda l: l(tf.ones([3, 4]), training=False)),
     "AttentionFusion": (lambda: AttentionFusion(), lambda l: l(tf.reshape(tf.range(24, dtype=tf.float32), [3, 2, 4]) / 24)),
     "_Sum": (lambda: _Sum([HashedCategorical(16, 4), HashedCategorical(8, 4)]),
@@ -250,3 +250,14 @@ def test_a_model_saves_and_loads_the_keras_way(tmp_path):
     np.testing.assert_allclose(loaded.query_tower(ROWS).numpy(), model.query_tower(ROWS).numpy(), atol=1e-6)
     np.testing.assert_allclose(loaded.product_tower(ROWS).numpy(), model.product_tower(ROWS).numpy(), atol=1e-6)
     assert float(loaded.engagement.bias.numpy()) == pytest.approx(-0.4)
+
+
+def test_an_empty_query_context_is_no_context_as_modality_dropout_makes_it():
+    tower = QueryTower(FEATURES, MODEL, ("query_country",), seed=1)
+    context = tower.encoders["query_context"]([tf.constant(["US", ""])]).numpy()
+    assert np.abs(context[0]).max() > 0 and np.all(context[1] == 0)  # "" (unknown): the dropped modality's zeros
+    tower(ROWS)
+    stacked = tower.modality_vectors({"query": tf.constant(["red sofa"]), "query_country": tf.constant([""])})
+    np.testing.assert_array_equal(stacked.numpy()[0, 1], 0.0)
+    category = HashedCategorical(32, 4)(tf.constant(["", "sofa"])).numpy()  # a product's "" stays a value of its own
+    assert np.abs(category[0]).max() > 0

@@ -159,18 +159,28 @@ class TextModality(tf.keras.layers.Layer):
 
 @serializable
 class HashedCategorical(tf.keras.layers.Layer):
-    """String values `[B]` → hashed bucket → embedding `[B, D]`."""
+    """String values `[B]` → hashed bucket → embedding `[B, D]`.
 
-    def __init__(self, buckets: int, dim: int, **kwargs):
+    With `empty_is_unknown`, an empty value gives zeros: the vector a tower
+    sees when modality dropout drops the modality, so an unknown query
+    context at serving time (""; `Retriever.search` without `context`) counts
+    as no context rather than as a value never seen in training.
+    """
+
+    def __init__(self, buckets: int, dim: int, empty_is_unknown: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.buckets, self.dim = int(buckets), int(dim)
+        self.buckets, self.dim, self.empty_is_unknown = int(buckets), int(dim), bool(empty_is_unknown)
         self.embedding = tf.keras.layers.Embedding(buckets, dim, embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
 
     def call(self, values: tf.Tensor) -> tf.Tensor:
-        return self.embedding(hash_strings(values, self.buckets))
+        vectors = self.embedding(hash_strings(values, self.buckets))  # [B, D]
+        if not self.empty_is_unknown:
+            return vectors
+        known = tf.not_equal(tf.reshape(values, [-1]), "")[:, tf.newaxis]  # [B, 1]
+        return vectors * tf.cast(known, vectors.dtype)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim}
+        return {**super().get_config(), "buckets": self.buckets, "dim": self.dim, "empty_is_unknown": self.empty_is_unknown}
 
 
 @serializable
@@ -389,7 +399,8 @@ class QueryTower(_Tower):
         bag, encoder = self._text_layers(text_bag, text_encoder, "query_text_bag")
         self._add("query_text", self._text("query_text", bag, encoder), S.QUERY)
         if self.context_columns:
-            self.context = {c: HashedCategorical(f.context_buckets, m.embedding_dim, name=c) for c in self.context_columns}
+            self.context = {c: HashedCategorical(f.context_buckets, m.embedding_dim, empty_is_unknown=True, name=c)
+                            for c in self.context_columns}
             self._add("query_context", _Sum(list(self.context.values()), name="query_context"), list(self.context_columns))
         self._add_term_channel((S.QUERY,), "mean", learned_weights=m.term_weights == "engagement", query_bias=m.query_bias)
         self._finish()
