@@ -109,7 +109,12 @@ def hash_strings(values, buckets: int) -> tf.Tensor:
     """
     if int(buckets) < 1:
         raise ValueError(f"hash_strings: buckets ({buckets}) must be at least 1")
-    return tf.strings.to_hash_bucket_fast(normalize(_string_tensor(values, "hash_strings: values")), int(buckets))
+    return tf.strings.to_hash_bucket_fast(normalized_values(values), int(buckets))
+
+
+def normalized_values(values) -> tf.Tensor:
+    """The normalised whole values that `hash_strings` hashes ("" for a blank or unreadable value)."""
+    return normalize(_string_tensor(values, "hash_strings: values"))
 
 
 # --------------------------------------------------------------------------- tokens (plain implementation)

@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from tf_q2e.config import FeaturesConfig, ModelConfig, config_section
 from tf_q2e.data import schema as S
-from tf_q2e.features import TextHasher, hash_strings
+from tf_q2e.features import TextHasher, hash_strings, normalized_values
 from tf_q2e.terms import TermChannel
 
 # Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
@@ -161,7 +161,8 @@ class TextModality(tf.keras.layers.Layer):
 class HashedCategorical(tf.keras.layers.Layer):
     """String values `[B]` → hashed bucket → embedding `[B, D]`.
 
-    With `empty_is_unknown`, an empty value gives zeros: the vector a tower
+    With `empty_is_unknown`, an empty value (blank or unreadable once
+    normalised, as `hash_strings` normalises) gives zeros: the vector a tower
     sees when modality dropout drops the modality, so an unknown query
     context at serving time (""; `Retriever.search` without `context`) counts
     as no context rather than as a value never seen in training.
@@ -173,10 +174,11 @@ class HashedCategorical(tf.keras.layers.Layer):
         self.embedding = tf.keras.layers.Embedding(buckets, dim, embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
 
     def call(self, values: tf.Tensor) -> tf.Tensor:
-        vectors = self.embedding(hash_strings(values, self.buckets))  # [B, D]
         if not self.empty_is_unknown:
-            return vectors
-        known = tf.not_equal(tf.reshape(values, [-1]), "")[:, tf.newaxis]  # [B, 1]
+            return self.embedding(hash_strings(values, self.buckets))  # [B, D]
+        normalized = normalized_values(values)  # "" for a blank or unreadable value: unknown
+        vectors = self.embedding(tf.strings.to_hash_bucket_fast(normalized, self.buckets))  # [B, D], as hash_strings
+        known = tf.not_equal(tf.reshape(normalized, [-1]), "")[:, tf.newaxis]  # [B, 1]
         return vectors * tf.cast(known, vectors.dtype)
 
     def get_config(self) -> dict:
