@@ -225,27 +225,41 @@ def product_encoder(model) -> tf.types.experimental.GenericFunction:
                        input_signature=[product_spec(model.image_dim)])
 
 
-def embed_catalog(model, catalog_path: str, batch_size: int = 4096, on_bad_rows: str = "error", progress=None):
-    """`(product_ids, titles, vectors)` of a catalogue file, its rows checked like `q2e validate`'s.
+def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_rows: int = 4096):
+    """Validated batches of a catalogue (a file path or a pandas DataFrame) as NumPy arrays of
+    `catalog_columns(image_dim)`, at most `batch_rows` rows each, checked like `q2e validate` checks a
+    catalogue file."""
+    validator = Validator(on_bad_rows, image_dim=image_dim or 0)
+    columns = catalog_columns(image_dim)
+    if isinstance(catalog, (str, os.PathLike)):
+        path = os.fspath(catalog)
+        if not os.path.exists(path):
+            raise InputError(f"catalogue file {path} does not exist")
+        tables = validator.iter_file(path, "catalog", batch_rows=batch_rows)
+    else:
+        from tf_q2e.data.frames import CATALOG_DATAFRAME, check_dataframe, dataframe_batch
 
-    The file is read in batches of `batch_size` rows; `progress(done, seconds)`
-    is called after each.
-    """
+        tables = validator.iter_batches([dataframe_batch(check_dataframe(catalog, "catalog"), "catalog")],
+                                        CATALOG_DATAFRAME, "catalog", quarantine=False)
+    for table in tables:
+        for start in range(0, table.num_rows, batch_rows):
+            yield table_to_numpy(table.slice(start, batch_rows), columns, image_dim)
+
+
+def embed_catalog(model, catalog, batch_size: int = 4096, on_bad_rows: str = "error", progress=None):
+    """`(product_ids, titles, vectors)` of a catalogue (a file or a pandas DataFrame), its rows checked
+    like `q2e validate`'s, embedded in batches of `batch_size` rows; `progress(done)` is called after each."""
     encode = product_encoder(model)
-    validator = Validator(on_bad_rows, image_dim=model.image_dim or 0)
-    columns = catalog_columns(model.image_dim)
     ids, titles, chunks = [], [], []
-    done, start = 0, time.perf_counter()
-    for table in validator.iter_file(catalog_path, "catalog", batch_rows=batch_size):
-        arrays = table_to_numpy(table, columns, model.image_dim)
+    for arrays in catalog_arrays(catalog, model.image_dim, on_bad_rows, batch_size):
         ids.append(arrays.pop(S.PRODUCT_ID))
         titles.append(arrays[S.PRODUCT_TITLE])
         chunks.append(encode(arrays).numpy())
-        done += table.num_rows
         if progress is not None:
-            progress(done, time.perf_counter() - start)
+            progress(sum(len(c) for c in ids))
     if not chunks:
-        raise InputError(f"{catalog_path}: the catalogue has no products to index")
+        where = catalog if isinstance(catalog, (str, os.PathLike)) else "the catalog DataFrame"
+        raise InputError(f"{where}: the catalogue has no products to index")
     return np.concatenate(ids), np.concatenate(titles), np.concatenate(chunks).astype(np.float32)
 
 
@@ -427,13 +441,9 @@ def build_index(run_dir: str, catalog: str | None = None, tune_recall: float | N
         raise InputError(f"catalogue file {catalog} does not exist")
 
     total = sum(parquet_row_groups(catalog)) if file_format(catalog) == "parquet" else None
-    bar = Progress(total, "products", log, verb="embedded")
-
-    def progress(done: int, seconds: float) -> None:
-        bar.update(done)
-
+    progress = Progress(total, "products", log, verb="embedded")
     start = time.perf_counter()
-    ids, titles, vectors = embed_catalog(model, catalog, cfg.batch_size, model.config.data.on_bad_rows, progress)
+    ids, titles, vectors = embed_catalog(model, catalog, cfg.batch_size, model.config.data.on_bad_rows, progress.update)
     embed_seconds = time.perf_counter() - start
     k = min(cfg.k, len(ids))
     options = ScannOptions.for_catalog(cfg, len(ids), k)

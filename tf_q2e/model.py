@@ -142,14 +142,6 @@ class Que2EngageModel(tfrs.Model):
         return list({id(t): t for t in tables}.values())
 
     @property
-    def engagement_tables(self) -> list[tf.Variable]:
-        """Tables that only the engagement task trains: the query term channel's learned word weights
-        and query bias."""
-        channel = self.query_tower.term_channel
-        tables = [] if channel is None else [channel.word_weights, channel.bias_weights]
-        return [t for t in tables if t is not None]
-
-    @property
     def metrics(self) -> list[tf.keras.metrics.Metric]:
         return [self.loss_tracker, self.contrastive_loss, self.engagement_loss, self.recall_at_1, self.engagement_auc]
 

@@ -306,7 +306,8 @@ def export_run(run_dir: str, base: str, name: str = "q2e", k: int | None = None,
       k: products per query (default: the index's k; at most the catalogue size).
     """
     from tf_q2e.search import Retriever
+    from tf_q2e.train import load_model
 
     check_model_name(name)  # before anything is read
-    load_index(run_dir)  # a clear error when q2e index has not run
-    return export(Retriever.from_run(run_dir, scann=scann), base, name, k, scann, log)
+    index = load_index(run_dir)  # a clear error when q2e index has not run
+    return export(Retriever.from_index(load_model(run_dir), index, scann), base, name, k, scann, log)

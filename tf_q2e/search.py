@@ -5,7 +5,8 @@ One interface over three sources of a trained model:
     Retriever.from_model(model, catalog)   an in-memory model and a catalogue (DataFrame or file):
                                            embeds the catalogue now; exact search, or ScaNN with scann=True
     Retriever.from_run("runs/main/train")  a `q2e train` run: its model and, when `q2e index` ran, its
-                                           product vectors and ScaNN searcher
+                                           product vectors and ScaNN searcher (`from_index`: a model and
+                                           an index already loaded)
     Retriever.from_saved_model("serving/q2e")   an exported SavedModel (`q2e export`, `tf_q2e.export`):
                                            its signatures, stock TensorFlow only (or `q2e_scann`'s)
 
@@ -42,13 +43,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_q2e.data import schema as S
-from tf_q2e.data.pipeline import table_to_numpy
-from tf_q2e.data.validate import Validator, dataset_files
+from tf_q2e.data.validate import dataset_files
 from tf_q2e.errors import InputError
-from tf_q2e.index import (INDEX_DIR, META_FILE, PAD_SCORE, Index, ScannOptions, ScannTopK, build_searcher, catalog_columns,
-                          exact_top_k, load_index, product_spec)
-
-CATALOG_BATCH = 4096  # products per call of the product tower
+from tf_q2e.index import (INDEX_DIR, META_FILE, Index, ScannOptions, ScannTopK, build_searcher, catalog_arrays, embed_catalog,
+                          exact_top_k, load_index, product_encoder)
 
 
 class _HitFields(NamedTuple):
@@ -99,38 +97,18 @@ def query_features(texts, context: Mapping | None, context_columns: Sequence[str
     return features
 
 
-def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_rows: int = CATALOG_BATCH):
-    """Validated batches of a catalogue (a file path or a pandas DataFrame) as NumPy arrays of
-    `catalog_columns(image_dim)`, checked like `q2e validate` checks a catalogue file."""
-    validator = Validator(on_bad_rows, image_dim=image_dim or 0)
-    columns = catalog_columns(image_dim)
-    if isinstance(catalog, (str, os.PathLike)):
-        path = os.fspath(catalog)
-        if not os.path.exists(path):
-            raise InputError(f"catalogue file {path} does not exist")
-        tables = validator.iter_file(path, "catalog", batch_rows=batch_rows)
-    else:
-        from tf_q2e.data.frames import CATALOG_DATAFRAME, check_dataframe, dataframe_batch
-
-        df = check_dataframe(catalog, "catalog")
-        tables = validator.iter_batches([dataframe_batch(df, "catalog")], CATALOG_DATAFRAME, "catalog", quarantine=False)
-    for table in tables:
-        for start in range(0, table.num_rows, batch_rows):
-            yield table_to_numpy(table.slice(start, batch_rows), columns, image_dim)
-
-
 class Retriever:
     """Products for query texts: a model's query tower plus product vectors, searched exactly or by ScaNN.
 
     Build one with `from_model`, `from_run` or `from_saved_model` (the module
     docstring). Attributes: `product_ids` [N], `titles` [N] (object arrays),
     `vectors` [N, D] float32 (None for a SavedModel, which holds them
-    inside), `exact` (True: brute-force search).
+    inside), `exact` (True: brute-force search), `model` (None for a SavedModel).
     """
 
     def __init__(self, *, query_fn, product_fn, probability_fn, product_ids, titles, vectors=None, scann=None,
-                 search_fn=None, context_columns: Sequence[str] = (), image_dim: int = 0, model=None, k: int | None = None,
-                 index: Index | None = None):
+                 search_fn=None, exact: bool | None = None, context_columns: Sequence[str] = (), image_dim: int = 0,
+                 model=None, k: int | None = None):
         self._query_fn = query_fn  # features -> (vectors [B, D], biases [B])
         self._product_fn = product_fn  # product features -> [B, D]
         self._probability_fn = probability_fn  # scores [B, k] + biases -> probabilities
@@ -142,9 +120,8 @@ class Retriever:
         self.context_columns = tuple(context_columns)
         self.image_dim = int(image_dim)
         self.model = model
-        self.max_k = k  # a SavedModel's fixed K
-        self.index = index
-        self.exact = scann is None and search_fn is None or (search_fn is not None and scann is None)
+        self.max_k = k  # a SavedModel's fixed K, or the ScaNN searcher's
+        self.exact = scann is None if exact is None else exact
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -156,15 +133,7 @@ class Retriever:
         `model.config.index` for this catalogue's size (exact scoring below
         20,000 products), returning up to `k` products per query.
         """
-        ids, titles, chunks = [], [], []
-        encode = _product_encoder(model)
-        for arrays in catalog_arrays(catalog, model.image_dim, on_bad_rows):
-            ids.append(arrays.pop(S.PRODUCT_ID))
-            titles.append(arrays[S.PRODUCT_TITLE])
-            chunks.append(encode(arrays).numpy())
-        if not ids:
-            raise InputError("the catalogue has no products")
-        ids, titles, vectors = np.concatenate(ids), np.concatenate(titles), np.concatenate(chunks).astype(np.float32)
+        ids, titles, vectors = embed_catalog(model, catalog, model.config.index.batch_size, on_bad_rows)
         searcher = None
         if scann:
             k = min(k, len(ids))
@@ -185,19 +154,23 @@ class Retriever:
                 raise InputError(f"{run_dir}: no index and no data set in the run's config; run q2e index --run {run_dir}")
             catalog, _ = dataset_files(model.config.data.dir)
             return cls.from_model(model, catalog, on_bad_rows=model.config.data.on_bad_rows)
-        index = load_index(run_dir)
+        return cls.from_index(model, load_index(run_dir), scann)
+
+    @classmethod
+    def from_index(cls, model, index: Index, scann: bool = True) -> "Retriever":
+        """A model and a run's loaded index (`tf_q2e.index.load_index`): ScaNN when `scann`, else exact."""
         searcher = None
         if scann:
             searcher = _scann_top_k(index.load_scann_state(), index.product_ids, index.options, index.meta["k"])
-        return cls._of_model(model, index.product_ids, index.titles, index.vectors, searcher, index=index)
+        return cls._of_model(model, index.product_ids, index.titles, index.vectors, searcher)
 
     @classmethod
-    def _of_model(cls, model, ids, titles, vectors, searcher, index: Index | None = None) -> "Retriever":
+    def _of_model(cls, model, ids, titles, vectors, searcher) -> "Retriever":
         query = tf.function(lambda features: model.query_tower(features, training=False, return_bias=True))
-        return cls(query_fn=query, product_fn=_product_encoder(model),
+        return cls(query_fn=query, product_fn=product_encoder(model),
                    probability_fn=lambda scores: model.engagement.probability(scores).numpy(),
                    product_ids=ids, titles=titles, vectors=vectors, scann=searcher, context_columns=model.context_columns,
-                   image_dim=model.image_dim, model=model, k=searcher.k if searcher is not None else None, index=index)
+                   image_dim=model.image_dim, model=model, k=searcher.k if searcher is not None else None)
 
     @classmethod
     def from_saved_model(cls, path: str) -> "Retriever":
@@ -230,6 +203,7 @@ class Retriever:
         ids = getattr(loaded, "product_ids", None)
         titles = getattr(loaded, "titles", None)
         return cls(query_fn=query_fn, product_fn=product_fn, probability_fn=None, search_fn=lambda f: search(**f),
+                   exact=name == "retrieval_exact",
                    product_ids=ids.numpy().astype(object) if ids is not None else [],
                    titles=titles.numpy().astype(object) if titles is not None else [],
                    context_columns=context_columns, image_dim=image_dim, k=k)
@@ -288,19 +262,12 @@ class Retriever:
         ScaNN) also `BASE/<name>_scann/<version>`, and `BASE/models.config`."""
         from tf_q2e.savedmodels import export as export_models
 
-        if self.model is None:
-            raise InputError("a retriever of a SavedModel is exported already; copy its directory instead")
         return export_models(self, base, name=name, k=k, scann=self._scann is not None if scann is None else scann,
                              log=log)
 
 
 def _scann_top_k(state, product_ids, options: ScannOptions, k: int) -> ScannTopK:
     return ScannTopK(state, [str(v) for v in product_ids], options, k=k)
-
-
-def _product_encoder(model):
-    return tf.function(lambda features: model.product_tower(features, training=False),
-                       input_signature=[product_spec(model.image_dim)])
 
 
 def _version_dir(path: str) -> str:
@@ -314,4 +281,4 @@ def _version_dir(path: str) -> str:
     raise InputError(f"{path}: not a SavedModel (no saved_model.pb) nor a model directory with integer versions")
 
 
-__all__ = ["Hit", "Retriever", "PAD_SCORE"]
+__all__ = ["Hit", "Retriever"]
