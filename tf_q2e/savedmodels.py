@@ -268,6 +268,18 @@ def export(retriever, base: str, name: str = "q2e", k: int | None = None, scann:
                 for c in catalog_columns(0)[1:]}
     if model.image_dim:
         products[S.PRODUCT_IMAGE_EMBEDDING] = np.zeros((len(queries), model.image_dim), np.float32)
+    with model.text_cache_detached():  # the towers encode raw text: a SavedModel holds no text cache
+        paths = _write_models(retriever, model, base, name, version, k, scann, titles, queries, products, log)
+    every = list(dict.fromkeys(_config_models(os.path.join(base, MODELS_CONFIG)) + names))
+    write_models_config(base, every, os.path.join(base, MODELS_CONFIG))
+    stock_names = [m for m in every if not m.endswith(SCANN_SUFFIX)]
+    write_models_config(base, stock_names, os.path.join(base, STOCK_MODELS_CONFIG))
+    return {"version": version, "models": paths, "k": k}
+
+
+def _write_models(retriever, model, base: str, name: str, version: int, k: int, scann: bool, titles, queries,
+                  products, log) -> dict:
+    """Writes version `version` of the stock model (and the ScaNN model); returns their paths by name."""
     paths = {}
     stock = StockModule(model, retriever.product_ids, titles, retriever.vectors, k)
     paths[name] = write_saved_model(stock, base, name, version,
@@ -280,11 +292,7 @@ def export(retriever, base: str, name: str = "q2e", k: int | None = None, scann:
             warmup_requests(scann_name, SCANN_SIGNATURES, queries, products, model.context_columns),
             options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
         log(f"wrote {paths[scann_name]} (retrieval; ScaNN ops)")
-    every = list(dict.fromkeys(_config_models(os.path.join(base, MODELS_CONFIG)) + names))
-    write_models_config(base, every, os.path.join(base, MODELS_CONFIG))
-    stock_names = [m for m in every if not m.endswith(SCANN_SUFFIX)]
-    write_models_config(base, stock_names, os.path.join(base, STOCK_MODELS_CONFIG))
-    return {"version": version, "models": paths, "k": k}
+    return paths
 
 
 def _scann_top_k(retriever, model, k: int) -> ScannTopK:

@@ -46,6 +46,8 @@ from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher, hash_strings, normalized_values
 from tf_q2e.terms import TermChannel
 
+# Blocks of the pretrained encoder (all-MiniLM-L6-v2): the product tower runs them all.
+ARCHITECTURE_LAYERS = 6
 # Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
 IDS_SUFFIX = "#ids"
 # Key prefix of a tower's term channel word hashes computed in the input pipeline (`_Tower.featurize`).
@@ -322,8 +324,16 @@ class _Tower(tf.keras.layers.Layer):
                 tables += [e.embedding.embeddings for e in encoder.encoders]
         return list({id(t): t for t in tables}.values())  # shared bags once
 
+    def _pretrained_modalities(self) -> list[str]:
+        return [name for name in self.modality_names if _is_pretrained(self.encoders[name])]
+
+    def _texts(self, name: str, features: dict):
+        key = self.inputs[name]
+        return features[key] if isinstance(key, str) else [features[k] for k in key]
+
     def featurize(self, features: dict) -> dict:
-        """Hashes the text modalities' features: `key` -> `key + IDS_SUFFIX` (ragged ids).
+        """Hashes the text modalities' features: `key` -> `key + IDS_SUFFIX` (ragged ids); with a text
+        cache attached, adds each pretrained modality's cache rows (`name + ROWS_SUFFIX`).
 
         For the input pipeline (`dataset.map`), so hashing runs beside the
         train step; `call` takes either form and gives the same vectors.
@@ -331,22 +341,37 @@ class _Tower(tf.keras.layers.Layer):
         out = dict(features)
         if self.term_channel is not None and any(k in out for k in self.term_inputs):
             out[self._terms_key] = self._term_hashes(out)
+        keep = set()  # raw text a pretrained modality still reads (it encodes the texts its cache lacks)
+        for name in self._pretrained_modalities():
+            encoder, key = self.encoders[name], self.inputs[name]
+            keys = [key] if isinstance(key, str) else key
+            if encoder.cache is not None and all(k in out for k in keys):
+                from tf_q2e.pretrained.modality import ROWS_SUFFIX
+
+                out[name + ROWS_SUFFIX] = encoder.featurize(self._texts(name, out))
+                keep.update(keys)
         for name in self._text_modalities():
             key = self.inputs[name]
             if key in out:
-                out[key + IDS_SUFFIX] = self.encoders[name].hasher(out.pop(key))
+                out[key + IDS_SUFFIX] = self.encoders[name].hasher(out[key] if key in keep else out.pop(key))
         return out
 
     def modality_vectors(self, features: dict, training=None) -> tf.Tensor:
         """`[B, N, D]`: each modality's vector, after modality dropout."""
         vectors = []
         for name in self.modality_names:
-            key = self.inputs[name]
-            if isinstance(key, str):
-                x = features[key + IDS_SUFFIX] if key + IDS_SUFFIX in features else features[key]
+            key, encoder = self.inputs[name], self.encoders[name]
+            if _is_pretrained(encoder):
+                from tf_q2e.pretrained.modality import ROWS_SUFFIX
+
+                x = encoder(self._texts(name, features), rows=features.get(name + ROWS_SUFFIX), training=training)
             else:
-                x = [features[k] for k in key]
-            vectors.append(self.dropouts[name](self.encoders[name](x), training=training))
+                if isinstance(key, str):
+                    x = features[key + IDS_SUFFIX] if key + IDS_SUFFIX in features else features[key]
+                else:
+                    x = [features[k] for k in key]
+                x = encoder(x)
+            vectors.append(self.dropouts[name](x, training=training))
         return tf.stack(vectors, axis=1)
 
     def _fuse(self, stacked: tf.Tensor) -> tf.Tensor:
@@ -393,6 +418,7 @@ class QueryTower(_Tower):
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
         text_encoder: TextModality | None = None,
+        sentence_encoder=None,
         **kwargs,
     ):
         super().__init__(features_cfg, model_cfg, seed, **kwargs)
@@ -400,6 +426,8 @@ class QueryTower(_Tower):
         self.context_columns = tuple(context_columns)
         bag, encoder = self._text_layers(text_bag, text_encoder, "query_text_bag")
         self._add("query_text", self._text("query_text", bag, encoder), S.QUERY)
+        if m.text_encoder != "none":
+            self._add("query_pretrained", _pretrained(m, m.query_layers, sentence_encoder, "query_pretrained"), S.QUERY)
         if self.context_columns:
             self.context = {c: HashedCategorical(f.context_buckets, m.embedding_dim, empty_is_unknown=True, name=c)
                             for c in self.context_columns}
@@ -430,6 +458,7 @@ class ProductTower(_Tower):
         text_bag: EmbeddingBag | None = None,
         seed: int | None = None,
         text_encoder: TextModality | None = None,
+        sentence_encoder=None,
         **kwargs,
     ):
         super().__init__(features_cfg, model_cfg, seed, **kwargs)
@@ -438,6 +467,9 @@ class ProductTower(_Tower):
         bag, encoder = self._text_layers(text_bag, text_encoder, "product_text_bag")
         self._add("title", self._text("title", bag, encoder), S.PRODUCT_TITLE)
         self._add("description", self._text("description", bag, encoder), S.PRODUCT_DESCRIPTION)
+        if m.text_encoder != "none":
+            self._add("product_pretrained", _pretrained(m, None, sentence_encoder, "product_pretrained"),
+                      [S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION])
         self._add("category", HashedCategorical(f.category_buckets, m.embedding_dim, name="category"), S.PRODUCT_CATEGORY)
         if image_dim:
             self._add("image", _mlp(m.hidden_dim, m.embedding_dim, name="image"), S.PRODUCT_IMAGE_EMBEDDING)
@@ -446,6 +478,21 @@ class ProductTower(_Tower):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "image_dim": self.image_dim}
+
+
+def _is_pretrained(layer) -> bool:
+    """Whether `layer` is a `PretrainedText` (without importing tensorflow-text when no tower has one)."""
+    return type(layer).__name__ == "PretrainedText"
+
+
+def _pretrained(m: ModelConfig, layers: int | None, sentence_encoder, name: str):
+    """The tower's `PretrainedText` modality (`model.text_encoder`), on the model's shared
+    `SentenceEncoder` when given."""
+    from tf_q2e.pretrained.modality import PretrainedText  # tensorflow-text: only when a tower has one
+
+    return PretrainedText(m.embedding_dim, layers or ARCHITECTURE_LAYERS, encoder=sentence_encoder,
+                          minilm_path=m.minilm_path, max_tokens=m.max_tokens, trainable_layers=m.trainable_layers,
+                          name=name)
 
 
 def channel_in_training(model_cfg: ModelConfig) -> bool:

@@ -49,6 +49,8 @@ from tf_q2e.optimizers import SparseAdam
 from tf_q2e.saving import save
 
 MIXED_PRECISION_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# Under the run directory: a frozen pretrained encoder's vectors (train.text_cache null).
+TEXT_CACHE_DIR = "text_cache"
 # train.cache: auto keeps a split in memory up to this many rows (about 2 KB a row once hashed).
 AUTO_CACHE_ROWS = 1_000_000
 
@@ -201,6 +203,10 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 
+    if model.pretrained_modalities:
+        fill_text_cache(model, t.text_cache or os.path.join(out, TEXT_CACHE_DIR),
+                        train_files + [p for split, p in splits.items() if split != "train"], pipeline.products.table)
+
     steps = t.steps_per_epoch or max(1, train_rows // t.global_batch_size)
     validation_steps = None  # needed with steps_per_execution > 1
     if validation is not None:
@@ -260,6 +266,39 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     )
     save(model, os.path.join(out, "model"))
     return history_file.finish()
+
+
+def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[str], products) -> None:
+    """Encodes, with each frozen pretrained modality, every distinct text it will see that its cache under
+    `root` lacks (`tf_q2e.pretrained.cache`), and attaches the caches: the queries of `impression_files`
+    (every split, pseudo-queries included) and the catalogue `products` (an Arrow table)."""
+    import time
+
+    from tf_q2e.data.validate import Validator
+    from tf_q2e.pretrained.cache import TextEmbeddingCache
+    from tf_q2e.pretrained.modality import joined
+
+    frozen = {name: m for name, m in model.pretrained_modalities.items() if m.frozen}
+    texts = {}
+    if "query_pretrained" in frozen:
+        queries = []
+        for path in impression_files:
+            for table in Validator(on_bad_rows="skip").iter_file(path, "impressions"):
+                queries += table.column(S.QUERY).to_pylist()
+        texts["query_pretrained"] = (queries, "distinct queries")
+    if "product_pretrained" in frozen:
+        fields = [tf.constant(products.column(c).to_pylist(), tf.string)
+                  for c in (S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION)]
+        texts["product_pretrained"] = (joined(fields).numpy().tolist(), "product texts")
+    for name, (values, what) in texts.items():
+        modality, cache = frozen[name], TextEmbeddingCache.open(root, frozen[name].variant)
+        encode = tf.function(lambda batch, m=modality: m.encode(batch),
+                             input_signature=[tf.TensorSpec([None], tf.string)])
+        start = time.perf_counter()
+        added = cache.update(values, encode, what=what, log=_log)
+        _log(f"text cache {cache.directory}: {len(cache)} vectors, {added} encoded now"
+             + (f" in {time.perf_counter() - start:.0f} s" if added else ""))
+    model.attach_text_cache(root)
 
 
 class HistoryFile(tf.keras.callbacks.Callback):
@@ -349,6 +388,7 @@ def load_model(run_dir: str, weights: str | None = None, overrides: list[str] | 
         meta = json.load(f)
     model = build_model(config, meta["image_dim"], tuple(meta["context_columns"]), jit_compile=False)  # serving: no XLA
     model.weights_checkpoint().read(weights or os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
+    model.attach_text_cache(config.train.text_cache or os.path.join(run_dir, TEXT_CACHE_DIR))
     return model
 
 

@@ -12,7 +12,7 @@ instead: the zip, or a directory holding `model.safetensors` and
 Both files are checked against the official sha256 of all-MiniLM-L6-v2
 before use: another model under the same name would load and give wrong
 vectors without a word. The weights are read with `safetensors.numpy`
-(no pickle, no PyTorch).
+(no unpickling, no PyTorch).
 
 Example:
     files = MiniLMFiles.locate()          # the installed package's copy

@@ -6,9 +6,12 @@ Serving replays the `PredictionLog` records in
 first real requests do not pay for tracing and lazy initialisation. A version
 whose warm-up fails does not serve, as in TensorFlow Serving.
 
-Models that use ScaNN need its custom TensorFlow ops, registered by importing
-`scann`. When that import fails the other models still load; a ScaNN model then
-fails with a message that says so.
+Models need custom TensorFlow ops beyond TensorFlow's own: ScaNN's (a ScaNN
+index), registered by importing `scann`, and tensorflow-text's classic
+WordPiece ops (a pretrained text encoder, `model.text_encoder: minilm`),
+registered by importing `tensorflow_text`, which TensorFlow Serving's model
+server links too. When an import fails the other models still load; a model
+needing the missing ops then fails with a message that says so.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def load_servable(model: str, version: int, path: str, limits: Limits) -> tuple[
         LoadError: the SavedModel does not load, has no usable signature, or a
             warm-up request fails.
     """
-    scann_problem = _register_scann_ops()
+    scann_problem = _register_ops()
     try:
         loaded = tf.saved_model.load(path)
     except Exception as e:  # noqa: BLE001 - any load failure is reported in the status
@@ -59,22 +62,29 @@ def load_servable(model: str, version: int, path: str, limits: Limits) -> tuple[
     return servable, replay_warmup(servable, limits)
 
 
+# The modules whose import registers the custom ops an exported model may use.
+OP_MODULES = ("scann", "tensorflow_text")
+
+
 @functools.cache
-def _register_scann_ops() -> str | None:
-    """Imports scann, which registers its TF ops; returns why it could not, or None."""
-    try:
-        importlib.import_module("scann")  # for its side effect: registering the Scann* ops
-    except Exception as e:  # noqa: BLE001 - a broken scann install must not stop other models
-        return f"{type(e).__name__}: {e}"
-    return None
+def _register_ops() -> str | None:
+    """Imports scann and tensorflow_text, which register their TF ops; returns why one could not, or None."""
+    problems = []
+    for module in OP_MODULES:
+        try:
+            importlib.import_module(module)  # for its side effect: registering its ops
+        except Exception as e:  # noqa: BLE001 - a broken install must not stop the other models
+            problems.append(f"`import {module}` failed ({type(e).__name__}: {e})")
+    return "; ".join(problems) or None
 
 
 def _load_failure(error: Exception, scann_problem: str | None) -> LoadError:
     code = code_of_number(getattr(error, "error_code", None))
     message = f"tf.saved_model.load failed: {model_error_message(error)}"
     if "Op type not registered" in message:
-        reason = f"`import scann` failed ({scann_problem})" if scann_problem else "they are not registered"
-        message += f". This model needs custom ops (ScaNN's, for a ScaNN index) but {reason}; install scann[tf]"
+        reason = scann_problem or "they are not registered"
+        message += (f". This model needs custom ops (ScaNN's for a ScaNN index, tensorflow-text's for a pretrained "
+                    f"text encoder) but {reason}; install scann[tf] and tensorflow-text")
     return LoadError(code, message)
 
 
