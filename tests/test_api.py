@@ -19,6 +19,7 @@ from tf_q2e.config import FeaturesConfig, ModelConfig, load_config
 from tf_q2e.data.datasets import FeatureSchema
 from tf_q2e.errors import InputError
 from tf_q2e.features import TextHasher
+from tf_q2e.pretrained.modality import PretrainedText
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
 from tf_q2e.terms import TermChannel
 from tf_q2e.towers import (AttentionFusion, EmbeddingBag, HashedCategorical, ModalityDropout, ProductTower,
@@ -94,6 +95,12 @@ LAYERS = {
     "ProductTower": (lambda: ProductTower(FEATURES, ModelConfig(embedding_dim=8, text_embedding_dim=8, hidden_dim=16,
                                                                 text_sharing="tables"), image_dim=3),
                      lambda l: l(ROWS)),
+    "PretrainedText": (lambda: PretrainedText(4, layers=1, max_tokens=16),
+                       lambda l: l([ROWS["product_title"], ROWS["product_description"]])),
+    "QueryTower with a pretrained text encoder": (
+        lambda: QueryTower(FEATURES, ModelConfig(embedding_dim=8, text_embedding_dim=8, hidden_dim=16,
+                                                 text_encoder="minilm", query_layers=1, max_tokens=16)),
+        lambda l: l(ROWS)),
     "ScaledSoftmaxRetrieval": (lambda: ScaledSoftmaxRetrieval(5.0, cross_replica=False),
                                lambda l: l(tf.eye(3), tf.eye(3), product_ids=ROWS["product_id"]).loss),
     "EngagementBCE": (lambda: EngagementBCE(5.0, learned_bias=True, bias_lr_multiplier=2.0),

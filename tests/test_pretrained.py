@@ -250,3 +250,13 @@ def test_a_frozen_encoder_trains_from_its_cache_and_exports_raw_string_towers(ma
     nodes += [n for f in graph.meta_graphs[0].graph_def.library.function for n in f.node_def]
     assert not [n.name for n in nodes if n.op == "Const" and n.attr["dtype"].type == types_pb2.DT_HALF]
     assert [n for n in nodes if n.op.startswith("WordpieceTokenize")]  # the tokenizer is in the graph
+
+
+def test_a_model_with_the_pretrained_encoder_saves_and_loads(tmp_path):
+    model = tf_q2e.build_model(load_config(None, SMALL + ["model.text_encoder=minilm", "model.query_layers=1",
+                                                           "model.max_tokens=16"]), FeatureSchema(0, ()))
+    projection = model.pretrained_modalities["query_pretrained"].projection
+    projection.kernel.assign(projection.kernel + 0.5)  # not the initial value, so a lost weight would show
+    rows = {"query": tf.constant(["grey jute rug", "sofa"])}
+    loaded = tf_q2e.load(tf_q2e.save(model, str(tmp_path / "saved")))
+    np.testing.assert_allclose(loaded.query_tower(rows).numpy(), model.query_tower(rows).numpy(), atol=1e-6)
