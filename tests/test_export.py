@@ -240,6 +240,8 @@ def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
                                               "retrieval_exact": (stock, "retrieval_exact")},
                             str(tmp_path), context={"query_country": "US"}, warmup=1, block=2)
     assert {name: len(times) for name, times in out["times_ms"].items()} == {"retrieval": 4, "retrieval_exact": 4}
+    assert list(out["loaded_ops"]) == [serve_latency.scann_ops_library()]  # no text encoder: no tensorflow-text ops
+    assert "Scann>ScannSearchBatched" in out["loaded_ops"][serve_latency.scann_ops_library()]
     import scann  # noqa: F401
 
     first = _query_inputs(QUERIES[:1])

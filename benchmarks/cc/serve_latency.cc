@@ -11,23 +11,39 @@
 //
 // Usage:
 //   serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]...
-//                 LABEL=SAVED_MODEL_DIR:SIGNATURE ...
+//                 [--record N] LABEL=SAVED_MODEL_DIR:SIGNATURE ...
 //
 // QUERIES_FILE holds one query string per line. Each signature takes the string as its `query`
 // input (shape [1]); its other string inputs (query context such as `query_country`) get the
 // value of `--context NAME=VALUE`, the same in every call. The calls take turns in blocks of
 // BLOCK queries, the order of the signatures rotating from block to block (as
-// benchmarks/retrieval.py does in Python), after WARMUP queries sent to every signature. `--load-library` loads a custom-op library (ScaNN's _scann_ops.so)
-// before the SavedModels that need it, as a TensorFlow Serving build with the ops linked in would.
+// benchmarks/retrieval.py does in Python), after WARMUP queries sent to every signature.
 //
-// Output (stdout, one line): {"times_ms": {LABEL: [ms, ...]}, "first_product_ids": {LABEL: [...]}}
-// where first_product_ids holds the `product_ids` output for the first query (signatures that
-// have one), to check that the C++ runtime gives the same results as Python.
+// `--load-library` loads a custom-op library with TF_LoadLibrary before the SavedModels that need
+// it, as a TensorFlow Serving build with the ops linked in would: ScaNN's _scann_ops.so for the
+// `_scann` model, tensorflow-text's _normalize_ops.so (NormalizeUTF8) and _wordpiece_tokenizer.so
+// (WordpieceTokenizeWithOffsets) for a model with a pretrained text encoder
+// (`model.text_encoder: minilm`, whose WordPiece tokenizer is in the graph). A SavedModel that
+// uses an op no loaded library registers fails (at LoadSavedModel, or at the first Session::Run
+// when the op is inside a function) with TensorFlow's "Op type not registered" and a hint to pass
+// the library.
+//
+// Output (stdout, one line):
+//   {"times_ms": {LABEL: [ms, ...]},
+//    "first_product_ids": {LABEL: [...]},
+//    "outputs": {LABEL: [{OUTPUT: {"shape": [...], "values": [...]}, ...}, ...]},
+//    "loaded_ops": {LIBRARY: [op, ...]}}
+// first_product_ids holds the `product_ids` output for the first query (signatures that have
+// one); outputs holds every output of the first N queries (`--record N`, default 1; values
+// flattened row-major; float, integer and string outputs), to check that the C++ runtime gives
+// the same results as Python; loaded_ops names the ops each `--load-library` registered.
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -37,6 +53,7 @@
 
 #include "tensorflow/c/c_api.h"
 #include "tensorflow/cc/saved_model/loader.h"
+#include "tensorflow/core/framework/op_def.pb.h"
 #include "tensorflow/core/public/session.h"
 
 namespace {
@@ -47,6 +64,7 @@ struct Signature {
   std::string input;                  // the `query` input's tensor name
   std::vector<std::pair<std::string, tensorflow::Tensor>> fixed;  // the context inputs: tensor name, value
   std::vector<std::string> fetches;   // every output's tensor name
+  std::vector<std::string> outputs;   // every output's key, in the order of fetches
   int product_ids = -1;               // index in fetches of the `product_ids` output, or -1
 };
 
@@ -79,12 +97,48 @@ std::string JsonString(const std::string& s) {
   return out.str();
 }
 
+// A tensor as {"shape": [...], "values": [...]} (row-major), or "null" for a dtype not written here.
+std::string JsonTensor(const tensorflow::Tensor& t) {
+  std::ostringstream out;
+  out << std::setprecision(9) << "{\"shape\": [";
+  for (int d = 0; d < t.dims(); ++d) out << (d ? ", " : "") << t.dim_size(d);
+  out << "], \"values\": [";
+  const int64_t n = t.NumElements();
+  for (int64_t i = 0; i < n; ++i) {
+    if (i) out << ", ";
+    switch (t.dtype()) {
+      case tensorflow::DT_FLOAT: {
+        const float v = t.flat<float>()(i);  // NaN and infinities as Python's json reads them
+        if (std::isnan(v)) out << "NaN"; else if (std::isinf(v)) out << (v > 0 ? "Infinity" : "-Infinity"); else out << v;
+        break;
+      }
+      case tensorflow::DT_INT32: out << t.flat<int32_t>()(i); break;
+      case tensorflow::DT_INT64: out << t.flat<int64_t>()(i); break;
+      case tensorflow::DT_STRING: out << JsonString(std::string(t.flat<tensorflow::tstring>()(i))); break;
+      default: return "null";
+    }
+  }
+  out << "]}";
+  return out.str();
+}
+
+// `message`, with a hint when it is TensorFlow's "Op type not registered": LoadSavedModel reports it for
+// an op of the graph, the first Session::Run for an op inside a function (e.g. a signature's).
+std::string WithOpHint(std::string message) {
+  if (message.find("Op type not registered") != std::string::npos) {
+    message += "\n(a custom op: pass the library that registers it with --load-library, e.g. ScaNN's "
+               "_scann_ops.so for Scann* ops, tensorflow-text's _normalize_ops.so and _wordpiece_tokenizer.so "
+               "for NormalizeUTF8 and WordpieceTokenizeWithOffsets)";
+  }
+  return message;
+}
+
 std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text) {
   std::vector<std::pair<std::string, tensorflow::Tensor>> feeds = s.fixed;
   feeds.emplace_back(s.input, OneString(text));
   std::vector<tensorflow::Tensor> outputs;
   auto status = s.bundle->session->Run(feeds, s.fetches, {}, &outputs);
-  if (!status.ok()) Fail(s.label + ": " + status.ToString());
+  if (!status.ok()) Fail(WithOpHint(s.label + ": " + status.ToString()));
   return outputs;
 }
 
@@ -93,7 +147,7 @@ std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text)
 int main(int argc, char** argv) {
   if (argc < 5) {
     Fail("usage: serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]... "
-         "LABEL=DIR:SIGNATURE ...");
+         "[--record N] LABEL=DIR:SIGNATURE ...");
   }
   std::ifstream file(argv[1]);
   if (!file) Fail(std::string("cannot read ") + argv[1]);
@@ -107,14 +161,26 @@ int main(int argc, char** argv) {
   std::map<std::string, tensorflow::SavedModelBundle*> loaded;  // one bundle per directory
   std::vector<Signature> signatures;
   std::map<std::string, std::string> context;
+  std::vector<std::pair<std::string, std::vector<std::string>>> loaded_ops;  // library, the ops it registered
+  size_t record = 1;
   for (int a = 4; a < argc; ++a) {
     const std::string arg = argv[a];
     if (arg == "--load-library") {
       if (++a == argc) Fail("--load-library needs a path");
       TF_Status* status = TF_NewStatus();
-      TF_LoadLibrary(argv[a], status);
+      TF_Library* library = TF_LoadLibrary(argv[a], status);
       if (TF_GetCode(status) != TF_OK) Fail(std::string("--load-library ") + argv[a] + ": " + TF_Message(status));
       TF_DeleteStatus(status);
+      tensorflow::OpList ops;  // the library stays loaded: TF_DeleteLibraryHandle would only free this list
+      const TF_Buffer list = TF_GetOpList(library);
+      ops.ParseFromArray(list.data, static_cast<int>(list.length));
+      loaded_ops.emplace_back(argv[a], std::vector<std::string>());
+      for (const auto& op : ops.op()) loaded_ops.back().second.push_back(op.name());
+      continue;
+    }
+    if (arg == "--record") {
+      if (++a == argc) Fail("--record needs a number of queries");
+      record = static_cast<size_t>(std::max(0, std::atoi(argv[a])));
       continue;
     }
     if (arg == "--context") {
@@ -132,7 +198,7 @@ int main(int argc, char** argv) {
       auto bundle = std::make_unique<tensorflow::SavedModelBundle>();
       auto status = tensorflow::LoadSavedModel(tensorflow::SessionOptions(), tensorflow::RunOptions(), dir,
                                                {"serve"}, bundle.get());
-      if (!status.ok()) Fail(dir + ": " + status.ToString());
+      if (!status.ok()) Fail(WithOpHint(dir + ": " + status.ToString()));
       loaded[dir] = bundle.get();
       bundles.push_back(std::move(bundle));
     }
@@ -141,7 +207,7 @@ int main(int argc, char** argv) {
     if (def == defs.end()) Fail(dir + " has no signature " + name);
     const auto input = def->second.inputs().find("query");
     if (input == def->second.inputs().end()) Fail(dir + ":" + name + " has no input `query`");
-    Signature s{label, loaded[dir], input->second.name(), {}, {}};
+    Signature s{label, loaded[dir], input->second.name(), {}, {}, {}};
     for (const auto& [key, info] : def->second.inputs()) {
       if (key == "query") continue;
       const auto value = context.find(key);
@@ -151,6 +217,7 @@ int main(int argc, char** argv) {
     for (const auto& [key, info] : def->second.outputs()) {
       if (key == "product_ids") s.product_ids = static_cast<int>(s.fetches.size());
       s.fetches.push_back(info.name());
+      s.outputs.push_back(key);
     }
     signatures.push_back(s);
   }
@@ -177,16 +244,41 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < ms[n].size(); ++i) std::cout << (i ? ", " : "") << ms[n][i];
     std::cout << "]";
   }
+  // The outputs of the first `record` queries (after the timing: the timed calls run as before).
+  std::vector<std::vector<std::vector<tensorflow::Tensor>>> recorded(signatures.size());
+  for (size_t n = 0; n < signatures.size(); ++n) {
+    for (size_t i = 0; i < std::min(std::max<size_t>(record, 1), texts.size()); ++i) {
+      recorded[n].push_back(Run(signatures[n], texts[i]));
+    }
+  }
   std::cout << "}, \"first_product_ids\": {";
   bool any = false;
-  for (const auto& s : signatures) {
+  for (size_t n = 0; n < signatures.size(); ++n) {
+    const auto& s = signatures[n];
     if (s.product_ids < 0) continue;
-    const auto outputs = Run(s, texts[0]);  // holds the tensor `ids` points into
-    const auto ids = outputs[s.product_ids].flat<tensorflow::tstring>();
+    const auto ids = recorded[n][0][s.product_ids].flat<tensorflow::tstring>();
     std::cout << (any ? ", " : "") << JsonString(s.label) << ": [";
     for (int i = 0; i < ids.size(); ++i) std::cout << (i ? ", " : "") << JsonString(std::string(ids(i)));
     std::cout << "]";
     any = true;
+  }
+  std::cout << "}, \"outputs\": {";
+  for (size_t n = 0; n < signatures.size(); ++n) {
+    std::cout << (n ? ", " : "") << JsonString(signatures[n].label) << ": [";
+    for (size_t i = 0; i < std::min(record, recorded[n].size()); ++i) {
+      std::cout << (i ? ", " : "") << "{";
+      for (size_t o = 0; o < signatures[n].outputs.size(); ++o) {
+        std::cout << (o ? ", " : "") << JsonString(signatures[n].outputs[o]) << ": " << JsonTensor(recorded[n][i][o]);
+      }
+      std::cout << "}";
+    }
+    std::cout << "]";
+  }
+  std::cout << "}, \"loaded_ops\": {";
+  for (size_t l = 0; l < loaded_ops.size(); ++l) {
+    std::cout << (l ? ", " : "") << JsonString(loaded_ops[l].first) << ": [";
+    for (size_t i = 0; i < loaded_ops[l].second.size(); ++i) std::cout << (i ? ", " : "") << JsonString(loaded_ops[l].second[i]);
+    std::cout << "]";
   }
   std::cout << "}}\n";
   return 0;

@@ -4,20 +4,52 @@
 (default `g++`) against the installed TensorFlow wheel's headers and
 libraries (`tf.sysconfig`, `libtensorflow_cc.so.2`); `run(...)` sends query
 strings through signatures, one `Session::Run` per query, as TensorFlow Serving
-runs a model, and returns each call's milliseconds and the first query's
-product ids. `benchmarks/retrieval.py` times the exported models with it;
-`tests/test_export.py` checks with it that the exported models, ScaNN's
-included, run outside Python with the same results.
+runs a model, and returns each call's milliseconds, the first query's product
+ids and every output of the first queries. `benchmarks/retrieval.py` times the
+exported models with it; `tests/test_export.py` and `tests/test_export_text.py`
+check with it that the exported models, ScaNN's and a pretrained text
+encoder's included, run outside Python with the same results.
+
+Custom ops are loaded the way a TensorFlow Serving build links them in, with
+`TF_LoadLibrary` before the SavedModels load:
+
+* ScaNN's `scann/scann_ops/cc/_scann_ops.so` (`Scann*` ops; the `_scann` model),
+  with `scann=True`;
+* tensorflow-text's `tensorflow_text/python/ops/_normalize_ops.so`
+  (`NormalizeUTF8`) and `_wordpiece_tokenizer.so`
+  (`WordpieceTokenizeWithOffsets`), the two ops of the in-graph WordPiece
+  tokenizer of `model.text_encoder: minilm` (`tf_q2e/pretrained/tokenizer.py`),
+  whenever a SavedModel to run uses one of them (`text_ops=None`, read from
+  its `saved_model.pb`). Only these two of tensorflow-text's ~20 op libraries:
+  they are the ones the exported graphs use (`TEXT_OPS`; each also registers
+  its siblings, e.g. `_normalize_ops.so` CaseFoldUTF8 and
+  NormalizeUTF8WithOffsetsMap), and TensorFlow Serving links the same two
+  targets (normalize_ops_cc, wordpiece_tokenizer_cc of tensorflow-text's
+  `ops_lib`). The files are found in the installed `tensorflow_text` package
+  without importing it; a model that needs them when they are missing is a
+  `MissingOpLibrary` error that says so before the C++ program runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 
+import numpy as np
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_latency.cc")
+
+# tensorflow-text's ops in an exported pretrained text encoder, and the library (under
+# tensorflow_text/python/ops/) that registers each.
+TEXT_OPS = {"NormalizeUTF8": "_normalize_ops.so", "WordpieceTokenizeWithOffsets": "_wordpiece_tokenizer.so"}
+TEXT_INSTALL_HINT = "pip install tensorflow-text (the version of the installed TensorFlow, e.g. 2.20.*)"
+
+
+class MissingOpLibrary(RuntimeError):
+    """A SavedModel to run needs a custom-op library that is not installed."""
 
 
 def build(out_dir: str) -> tuple[str | None, str]:
@@ -44,29 +76,91 @@ def scann_ops_library() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(scann_ops.__file__))), "cc", "_scann_ops.so")
 
 
+def text_ops_libraries(ops=tuple(TEXT_OPS)) -> list[str]:
+    """The paths of the installed tensorflow-text's op libraries that register `ops` (of `TEXT_OPS`),
+    found without importing tensorflow_text; `MissingOpLibrary` when the package or a file is missing."""
+    spec = importlib.util.find_spec("tensorflow_text")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingOpLibrary(f"tensorflow-text's ops {', '.join(sorted(ops))} are needed, but tensorflow_text is not "
+                               f"installed: {TEXT_INSTALL_HINT}")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "python", "ops")
+    paths = list(dict.fromkeys(os.path.join(folder, TEXT_OPS[op]) for op in sorted(ops)))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise MissingOpLibrary(f"tensorflow-text's ops {', '.join(sorted(ops))} are needed, but the installed "
+                               f"tensorflow_text lacks {', '.join(missing)}: reinstall it ({TEXT_INSTALL_HINT})")
+    return paths
+
+
+def saved_model_ops(path: str) -> set[str]:
+    """The op names in a SavedModel's graphs (the graph and every function of its library)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        model = saved_model_pb2.SavedModel.FromString(f.read())
+    ops = set()
+    for graph in model.meta_graphs:
+        ops.update(node.op for node in graph.graph_def.node)
+        ops.update(node.op for function in graph.graph_def.library.function for node in function.node_def)
+    return ops
+
+
+def needed_text_ops(signatures: dict[str, tuple[str, str]]) -> set[str]:
+    """The `TEXT_OPS` that the SavedModels of `signatures` ({label: (dir, name)}) use."""
+    return {op for path in {p for p, _ in signatures.values()} for op in saved_model_ops(path) & set(TEXT_OPS)}
+
+
 def run(binary: str, texts: list[str], signatures: dict[str, tuple[str, str]], work: str,
-        context: dict[str, str] | None = None, warmup: int = 5, block: int = 25, scann: bool = True) -> dict:
+        context: dict[str, str] | None = None, warmup: int = 5, block: int = 25, scann: bool = True,
+        text_ops: bool | None = None, record: int = 1) -> dict:
     """Times `signatures` ({label: (SavedModel dir, signature name)}) on `texts`, one query per call.
 
-    Returns `{"times_ms": {label: [ms per call]}, "first_product_ids": {label: [ids]}}`
-    (the second for signatures with a `product_ids` output, on `texts[0]`).
+    Returns `{"times_ms": {label: [ms per call]}, "first_product_ids": {label: [ids]},
+    "outputs": {label: [{output: np.ndarray}, ...]}, "loaded_ops": {library: [op, ...]}}`:
+    product ids for signatures with a `product_ids` output, on `texts[0]`; every
+    output of each signature on `texts[:record]`, one query per call.
     `context` gives the other string inputs (e.g. {"query_country": "US"});
-    `scann` loads ScaNN's op library first. The query file is written in `work`.
+    `scann` loads ScaNN's op library first; `text_ops` loads tensorflow-text's
+    (`text_ops_libraries`): None when a SavedModel of `signatures` uses one of
+    `TEXT_OPS`, True always, False never. The query file is written in `work`.
     """
     if not texts:
         raise ValueError("serve_latency needs at least one query")
     if any("\n" in t or "\r" in t for t in texts):
         raise ValueError("a query holds a line break; serve_latency reads one query per line")
+    libraries = [scann_ops_library()] if scann else []
+    if text_ops is None:
+        needed = needed_text_ops(signatures)
+        if needed:
+            try:
+                libraries += text_ops_libraries(needed)
+            except MissingOpLibrary as e:
+                users = sorted(label for label, (path, _) in signatures.items() if saved_model_ops(path) & needed)
+                raise MissingOpLibrary(f"{', '.join(users)}: {e} (a model with a pretrained text encoder)") from None
+    elif text_ops:
+        libraries += text_ops_libraries()
     queries = os.path.join(work, "serve_latency_queries.txt")
     with open(queries, "w", encoding="utf-8") as f:
         f.write("\n".join(texts) + "\n")
-    command = [binary, queries, str(warmup), str(block)]
-    if scann:
-        command += ["--load-library", scann_ops_library()]
+    command = [binary, queries, str(warmup), str(block), "--record", str(record)]
+    for library in libraries:
+        command += ["--load-library", library]
     for name, value in (context or {}).items():
         command += ["--context", f"{name}={value}"]
     command += [f"{label}={path}:{name}" for label, (path, name) in signatures.items()]
     done = subprocess.run(command, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace').strip()[-2000:]}")
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    out["outputs"] = {label: [{name: _array(tensor) for name, tensor in outputs.items()} for outputs in calls]
+                      for label, calls in out["outputs"].items()}
+    return out
+
+
+def _array(tensor: dict | None):
+    """serve_latency's {"shape", "values"} as a NumPy array (None for a dtype it does not write)."""
+    if tensor is None:
+        return None
+    values = tensor["values"]
+    kind = object if values and isinstance(values[0], str) else None
+    return np.array(values, dtype=kind).reshape(tensor["shape"])
