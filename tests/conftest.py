@@ -35,6 +35,31 @@ SMALL = [
 ]
 
 
+# A tinier model for tests that need any trained run (evaluation, comparison): 20 steps of one epoch.
+TINY_RUN_CONFIG = [
+    "features.buckets=2048", "features.category_buckets=64", "features.context_buckets=32", "features.max_words=16",
+    "model.embedding_dim=16", "model.text_embedding_dim=16", "model.hidden_dim=16",
+    "train.global_batch_size=64", "train.shuffle_buffer=1000", "train.learning_rate=0.01",
+    "train.early_stopping_patience=0", "train.steps_per_execution=1", "train.epochs=1", "train.steps_per_epoch=20",
+    "train.validation_steps=2",
+]
+
+
+def train_tiny_run(tmp_path_factory) -> tuple[str, str]:
+    """`(run directory, data set)`: `TINY_RUN_CONFIG` trained on a synthetic marketplace of 300 products,
+    3000 impressions (seed 7, no images, 5 ground-truth queries). For a module-scoped fixture: the tests
+    of a module may write into the run (its evaluation reports)."""
+    from tf_q2e.config import load_config
+    from tf_q2e.data.synth import generate
+    from tf_q2e.train import train
+
+    data = str(tmp_path_factory.mktemp("data"))
+    generate(data, products=300, impressions=3000, seed=7, image_dim=0, ground_truth_queries=5)
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    train(load_config(None, TINY_RUN_CONFIG), data, run_dir, verbose=0)
+    return run_dir, data
+
+
 def product(i: int) -> dict:
     return {
         "product_id": f"P{i}",

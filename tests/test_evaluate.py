@@ -9,30 +9,17 @@ import numpy as np
 import pytest
 
 from tf_q2e.cli import main
-from tf_q2e.config import load_config
-from tf_q2e.data.synth import generate
 from tf_q2e.errors import InputError
 from tf_q2e.evaluate import comparison_table, evaluate, evaluate_run, ground_truth_metrics
 from tf_q2e.judged import GroundTruth, Judged, load_ground_truth, load_judged, split_ground_truth
 from tf_q2e.retrievers import BM25Retriever, HybridRetriever, catalogue_ranks, reciprocal_rank_fusion
-from tf_q2e.train import train
 
-TINY = [
-    "features.buckets=2048", "features.category_buckets=64", "features.context_buckets=32", "features.max_words=16",
-    "model.embedding_dim=16", "model.text_embedding_dim=16", "model.hidden_dim=16",
-    "train.global_batch_size=64", "train.shuffle_buffer=1000", "train.learning_rate=0.01",
-    "train.early_stopping_patience=0", "train.steps_per_execution=1", "train.epochs=1", "train.steps_per_epoch=20",
-    "train.validation_steps=2",
-]
+from conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    data = str(tmp_path_factory.mktemp("data"))
-    generate(data, products=300, impressions=3000, seed=7, image_dim=0, ground_truth_queries=5)
-    run_dir = str(tmp_path_factory.mktemp("run"))
-    train(load_config(None, TINY), data, run_dir, verbose=0)
-    return run_dir, data
+    return train_tiny_run(tmp_path_factory)
 
 
 class FixedRetriever:

@@ -130,11 +130,14 @@ def _compare(args: argparse.Namespace) -> int:
     from tf_q2e.evaluate import compare
 
     _check_bootstrap(args.bootstrap)
-    if not args.runs and not args.bm25:
-        raise InputError("nothing to compare: give run directories and/or --bm25"
-                         + (" (--hybrid fuses each run with BM25, so it needs runs)" if args.hybrid else ""))
+    if not args.runs and not args.bm25 and not args.pretrained:
+        fused = [f"{flag} needs runs: it fuses each run with {baseline}" for flag, baseline, on in
+                 (("--hybrid", "BM25", args.hybrid), ("--late-fusion", "MiniLM", args.late_fusion)) if on]
+        raise InputError("nothing to compare: give run directories, --bm25 and/or --pretrained"
+                         + (f" ({'; '.join(fused)})" if fused else ""))
     table = compare(args.runs, args.data, args.split, bm25=args.bm25, hybrid=args.hybrid, out_dir=args.out,
-                    n_boot=args.bootstrap)
+                    n_boot=args.bootstrap, pretrained=args.pretrained, late_fusion=args.late_fusion,
+                    fusion_weight=args.fusion_weight, max_tokens=args.max_tokens, text_cache=args.text_cache)
     print(table, end="")
     if args.out:
         print(f"wrote {args.out}: compare.md, compare.json, recall_at_k.png")
@@ -219,11 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default 1000)")
     p.set_defaults(handler=_evaluate)
 
-    p = verbs.add_parser("compare", help="one table of several runs (and BM25, hybrids) on the same split")
+    p = verbs.add_parser("compare", help="one table of several runs (and BM25, MiniLM, fusions) on the same split")
     p.add_argument("runs", nargs="*", metavar="RUN", help="trained run directories")
     p.add_argument("--bm25", action="store_true", help="add the BM25 baseline (bm25s, English stemmer)")
     p.add_argument("--hybrid", action="store_true",
                    help="add one row per run: its dense retrieval and BM25 fused by reciprocal rank fusion (k=60)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="add zero-shot all-MiniLM-L6-v2: cosine of the query's and the title + description's vectors")
+    p.add_argument("--late-fusion", action="store_true",
+                   help="add one row per run: its score q.d + W x MiniLM's cosine (W: --fusion-weight, or the best "
+                        "Recall@100 on the validation split of 0, 0.25, 0.5, 1, 2, 4)")
+    p.add_argument("--fusion-weight", type=float, metavar="W", help="the late fusion's weight (default: chosen on validation)")
+    p.add_argument("--max-tokens", type=int, help="MiniLM's WordPiece tokens per text, [CLS] and [SEP] included (default 64)")
+    p.add_argument("--text-cache", metavar="DIR",
+                   help="read and fill MiniLM's vectors in this text cache (train.text_cache's; default: in memory)")
     p.add_argument("--data", help="data set directory (default: the first run's)")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"), help="split to evaluate (default test)")
     p.add_argument("--out", help="also write compare.md, compare.json and recall_at_k.png here")

@@ -277,7 +277,8 @@ class TrainConfig:
       text_cache: with a frozen pretrained encoder (`model.text_encoder`),
         the directory of its vectors, one per distinct text
         (`tf_q2e.pretrained.cache`); null = `RUN/text_cache`. Runs over the
-        same data can share one: each encodes only the texts it lacks.
+        same data can share one: each encodes only the texts it lacks (so
+        can `q2e compare --pretrained --text-cache DIR`).
       jit_compile: XLA-compile the dense parts of the towers (modality MLPs,
         fusion, normalisation) in training, for GPUs. Text hashing, the
         embedding bags (`tf.unique`) and the losses stay outside XLA, which

@@ -6,8 +6,10 @@ split than test: `RUN/eval-<split>/`, e.g. to choose a config on validation). A
 retriever is anything with `search` and `score_pairs` (`tf_q2e.retrievers`:
 `DenseRetriever` for a trained run, `BM25Retriever` for the lexical baseline
 over `tf_q2e.bm25`, `HybridRetriever` for both fused by reciprocal rank
-fusion) and the split is a `tf_q2e.judged.Judged`, so every model goes
-through the same code and the same metrics:
+fusion, `PretrainedRetriever` for zero-shot all-MiniLM-L6-v2,
+`LateFusionRetriever` for a run plus w × its cosine) and the split is a
+`tf_q2e.judged.Judged`, so every model goes through the same code and the
+same metrics:
 
 * retrieval: full-catalogue Recall@K (K = 10, 100, 1000) of each query's
   engaged products (Que2Search's KNN recall), averaged over queries with at
@@ -60,7 +62,9 @@ import numpy as np
 from tf_q2e import metrics as M
 from tf_q2e.errors import InputError
 from tf_q2e.judged import GroundTruth, Judged, load_judged, split_ground_truth, split_path
-from tf_q2e.retrievers import BM25Retriever, HybridRetriever, dense_retriever_for_run
+from tf_q2e.config import PRETRAINED_MAX_TOKENS
+from tf_q2e.retrievers import (MINILM_MAX_TOKENS, BM25Retriever, HybridRetriever, LateFusionRetriever, PretrainedRetriever,
+                               dense_retriever_for_run)
 
 EVAL_DIR = "eval"
 RECALL_KS = (10, 100, 1000)
@@ -199,15 +203,65 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     return report
 
 
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the grid `compare --late-fusion` chooses w from
+FUSION_SPLIT = "validation"  # ... on this split
+FUSION_RECALL_K = 100  # ... by this Recall@K
+
+
+def choose_fusion_weight(fusion: LateFusionRetriever, judged: Judged, weights=FUSION_WEIGHTS,
+                         k: int = FUSION_RECALL_K) -> tuple[float, dict[float, float]]:
+    """`(w, {weight: Recall@k})`: the weight of `weights` under which `fusion` (its own weight unused)
+    finds the most engaged products of `judged` in its top k, the smallest on a tie; every weight is
+    searched in one pass over the catalogue (`LateFusionRetriever.search_weights`)."""
+    engaged = judged.engaged_sets
+    recalls = {float(w): M.mean_defined(M.recall_at_k(ids, engaged, k))
+               for w, ids in zip(weights, fusion.search_weights(judged, k, weights))}
+    if all(np.isnan(r) for r in recalls.values()):
+        raise InputError(f"{judged.path}: no engaged product to choose the fusion weight by; give --fusion-weight W")
+    return max(recalls, key=lambda w: (recalls[w], -w)), recalls
+
+
 def compare(runs: list[str], data_dir: str | None = None, split: str = "test", bm25: bool = False,
-            out_dir: str | None = None, n_boot: int = 1000, seed: int = 0, hybrid: bool = False) -> str:
-    """One table of several runs (each evaluated on the same data and split); with `bm25`, the
-    BM25 baseline; with `hybrid`, one `HybridRetriever` row per run (the run's dense retrieval and
-    BM25 fused by RRF, named `hybrid(<run>)`). A run's saved report of the split is reused when it is
-    of the same data and split (and has the ground-truth metrics when the split has ground truth); the
-    BM25 index is built once for both."""
+            out_dir: str | None = None, n_boot: int = 1000, seed: int = 0, hybrid: bool = False,
+            pretrained: bool = False, late_fusion: bool = False, fusion_weight: float | None = None,
+            max_tokens: int | None = None, text_cache: str | None = None, log=None) -> str:
+    """One table of several runs (each evaluated on the same data and split), and baselines:
+
+    * `bm25`: the BM25 baseline;
+    * `hybrid`: one `HybridRetriever` row per run (the run's dense retrieval and BM25 fused by RRF,
+      named `hybrid(<run>)`);
+    * `pretrained`: zero-shot all-MiniLM-L6-v2 (`PretrainedRetriever`, `minilm (zero-shot)`), texts cut
+      at `max_tokens` (default 64), its vectors read from and added to the `TextEmbeddingCache` under
+      `text_cache` when given (the folder `minilm-L6-T64` a run with `train.text_cache` fills), else
+      encoded in memory;
+    * `late_fusion`: one `LateFusionRetriever` row per run, `late fusion: <run> + <w> × minilm`: its
+      score q·d + w × MiniLM's cosine, w = `fusion_weight`, or when None the weight of
+      `FUSION_WEIGHTS` with the best Recall@100 on the validation split (`choose_fusion_weight`).
+
+    A run's saved report of the split is reused when it is of the same data and split (and has the
+    ground-truth metrics when the split has ground truth); BM25 and MiniLM are built once for all rows.
+    Returns the table, followed by a line per late-fusion row saying how its weight was set (also in
+    its report: `fusion_weight`, and `fusion_weight_split`, `fusion_weight_recall@100` when chosen).
+    """
+    log = log or _log
+    with_minilm = pretrained or late_fusion
     if hybrid and not runs:
         raise InputError("--hybrid needs run directories: it fuses each run's dense retrieval with BM25")
+    if late_fusion and not runs:
+        raise InputError("--late-fusion needs run directories: it adds zero-shot MiniLM's cosine to each run's score")
+    if fusion_weight is not None and not late_fusion:
+        raise InputError("--fusion-weight needs --late-fusion (it is the weight of MiniLM's cosine there)")
+    if fusion_weight is not None and not (np.isfinite(fusion_weight) and fusion_weight >= 0):
+        raise InputError(f"--fusion-weight ({fusion_weight}) must be a finite number >= 0")
+    for flag, value in (("--max-tokens", max_tokens), ("--text-cache", text_cache)):
+        if value is not None and not with_minilm:
+            raise InputError(f"{flag} is an option of the MiniLM rows: it needs --pretrained or --late-fusion")
+    max_tokens = MINILM_MAX_TOKENS if max_tokens is None else max_tokens
+    if not 2 <= max_tokens <= PRETRAINED_MAX_TOKENS:
+        raise InputError(f"--max-tokens ({max_tokens}) must be in [2, {PRETRAINED_MAX_TOKENS}] ([CLS] and [SEP] included)")
+    if text_cache is not None and os.path.exists(text_cache) and not os.path.isdir(text_cache):
+        raise InputError(f"--text-cache {text_cache} is a file; give a directory (it is created when missing)")
+
     reports = []
     for run in runs:
         report = _saved_report(run, data_dir, split)
@@ -218,27 +272,40 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
             report = evaluate_run(run, data_dir, split, n_boot=n_boot, seed=seed)
         data_dir = data_dir or report.get("data")
         reports.append(report)
-    lexical = None
-    if bm25 or hybrid:
-        if not data_dir:
-            flag = "--bm25" if bm25 else "--hybrid"
-            raise InputError(f"{flag} without runs needs --data DIR" if not runs else
-                             f"{flag} needs --data DIR (the runs' reports name no data set)")
-        lexical = BM25Retriever.for_data(data_dir)
-    truth = split_ground_truth(data_dir, split) if lexical is not None else None
-    if bm25:
+    flags = [flag for flag, on in (("--bm25", bm25), ("--hybrid", hybrid), ("--pretrained", pretrained),
+                                   ("--late-fusion", late_fusion)) if on]
+    if flags and not data_dir:
+        raise InputError(f"{flags[0]} without runs needs --data DIR" if not runs else
+                         f"{flags[0]} needs --data DIR (the runs' reports name no data set)")
+    if late_fusion and fusion_weight is None and split != FUSION_SPLIT:
+        try:
+            split_path(data_dir, FUSION_SPLIT)
+        except InputError as e:
+            raise InputError(f"--late-fusion chooses its weight on the {FUSION_SPLIT} split: {e}; "
+                             "give --fusion-weight W instead") from None
+    lexical = BM25Retriever.for_data(data_dir) if bm25 or hybrid else None
+    minilm = PretrainedRetriever.for_data(data_dir, max_tokens, text_cache, log=log) if with_minilm else None
+    truth = split_ground_truth(data_dir, split) if flags else None
+    about = {"data": os.path.abspath(data_dir), "split": split} if flags else {}
+    baselines = [r for r, on in ((lexical, bm25), (minilm, pretrained)) if on]
+    if baselines:
         judged = load_judged(split_path(data_dir, split), ())
-        report = evaluate(lexical, judged, n_boot=n_boot, seed=seed, truth=truth)
-        report.update({"data": os.path.abspath(data_dir), "split": split})
-        reports.append(report)
-    if hybrid:
-        for run in runs:
-            dense, _, model = dense_retriever_for_run(run, data_dir, _log)
-            judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
-            report = evaluate(HybridRetriever(dense, lexical), judged, n_boot=n_boot, seed=seed, truth=truth)
-            report.update({"run": os.path.abspath(run), "data": os.path.abspath(data_dir), "split": split})
-            reports.append(report)
-    table = comparison_table(reports)
+        reports += [{**evaluate(r, judged, n_boot=n_boot, seed=seed, truth=truth), **about} for r in baselines]
+    hybrids, fusions, notes = [], [], []
+    for run in runs if hybrid or late_fusion else ():
+        dense, _, model = dense_retriever_for_run(run, data_dir, log)
+        about_run = {"run": os.path.abspath(run), **about}
+        judged = load_judged(split_path(data_dir, split), model.context_columns, model.image_dim or None)
+        if late_fusion:  # the weight first: it may search the validation split
+            fusion, choice, note = _late_fusion(dense, minilm, fusion_weight, judged, data_dir, split, model, log)
+            notes.append(note)
+        if hybrid:
+            hybrids.append({**evaluate(HybridRetriever(dense, lexical), judged, n_boot=n_boot, seed=seed, truth=truth),
+                            **about_run})
+        if late_fusion:
+            fusions.append({**evaluate(fusion, judged, n_boot=n_boot, seed=seed, truth=truth), **about_run, **choice})
+    reports += hybrids + fusions
+    table = comparison_table(reports) + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as f:
@@ -247,6 +314,24 @@ def compare(runs: list[str], data_dir: str | None = None, split: str = "test", b
             f.write(f"# {split} split of {data_dir}\n\n95% bootstrap intervals over queries.\n\n{table}")
         plot_recall_curves(reports, os.path.join(out_dir, "recall_at_k.png"))
     return table
+
+
+def _late_fusion(dense, minilm, weight: float | None, judged: Judged, data_dir: str, split: str, model, log):
+    """`(LateFusionRetriever, report fields, note)` of a run: its weight given, or chosen on the validation
+    split (`judged` itself when that is the compared split)."""
+    if weight is not None:
+        fusion = LateFusionRetriever(dense, minilm, weight)
+        return fusion, {"fusion_weight": weight}, f"{fusion.name}: w = {weight:g} given (--fusion-weight)"
+    tuning = judged if split == FUSION_SPLIT else \
+        load_judged(split_path(data_dir, FUSION_SPLIT), model.context_columns, model.image_dim or None)
+    weight, recalls = choose_fusion_weight(LateFusionRetriever(dense, minilm, 0.0), tuning)
+    fusion = LateFusionRetriever(dense, minilm, weight)
+    tried = ", ".join(f"{w:g}: {r:.4f}" for w, r in recalls.items())
+    note = (f"{fusion.name}: w = {weight:g} chosen on the {FUSION_SPLIT} split by Recall@{FUSION_RECALL_K} ({tried})"
+            + (f"; the compared split is {FUSION_SPLIT} too, so the choice is in-sample" if split == FUSION_SPLIT else ""))
+    log(note)
+    return fusion, {"fusion_weight": weight, "fusion_weight_split": FUSION_SPLIT,
+                    f"fusion_weight_recall@{FUSION_RECALL_K}": {f"{w:g}": r for w, r in recalls.items()}}, note
 
 
 def _saved_report(run_dir: str, data_dir: str | None, split: str) -> dict | None:

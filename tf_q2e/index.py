@@ -272,13 +272,16 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 6
     scores_out = np.empty((len(queries), k), np.float32)
     indices_out = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
-        scores = queries[start:start + chunk] @ vectors.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        indices_out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
-        scores_out[start:start + chunk] = np.take_along_axis(top_scores, order, axis=1)
+        scores_out[start:start + chunk], indices_out[start:start + chunk] = top_k(queries[start:start + chunk] @ vectors.T, k)
     return scores_out, indices_out
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(scores [Q, k], columns [Q, k])`: the k highest of each row of `scores` [Q, N] (k <= N), best first."""
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

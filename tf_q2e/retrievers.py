@@ -8,12 +8,21 @@ pair, for the AUCs and NDCG) and `random_pair_scores(judged, rng)`:
   vectors (`dense_retriever_for_run` builds one from a run directory);
 * `BM25Retriever`: the lexical baseline (`tf_q2e.bm25`);
 * `HybridRetriever`: both fused by reciprocal rank fusion
-  (`reciprocal_rank_fusion`, full-catalogue ranks from `catalogue_ranks`).
+  (`reciprocal_rank_fusion`, full-catalogue ranks from `catalogue_ranks`);
+* `PretrainedRetriever`: zero-shot all-MiniLM-L6-v2, exact search by the
+  cosine of the query's and the product text's sentence vectors;
+* `LateFusionRetriever`: a run and zero-shot MiniLM, scores added:
+  q·d + w × cosine.
+
+`DenseRetriever` and `PretrainedRetriever` are `VectorRetriever`s (exact
+search over product vectors); the fused ones score the whole catalogue
+through their parts' `catalogue_scores`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -23,7 +32,73 @@ from tf_q2e.data.validate import dataset_files
 from tf_q2e.errors import InputError
 from tf_q2e.judged import Judged
 
-class DenseRetriever:
+class _PairsByProduct:
+    """`score_pairs` and `random_pair_scores` of a retriever that scores any (query, product id) pairs of a
+    split with `pair_scores(judged, product_ids [R])` (one per judged row) and has `product_ids`."""
+
+    def score_pairs(self, judged: Judged) -> np.ndarray:
+        return self.pair_scores(judged, judged.row_product)
+
+    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
+        """Each judged row's query with a product drawn uniformly from the catalogue."""
+        products = self.product_ids[rng.integers(0, len(self.product_ids), size=len(judged.row_query))]
+        return self.pair_scores(judged, products)
+
+
+class VectorRetriever(_PairsByProduct):
+    """Exact search over a catalogue's product vectors [N, D] by the dot product with query vectors.
+
+    Subclasses give `query_vectors(judged)`: `(vectors [Q, D], biases [Q])` of
+    the split's distinct queries. Search ranks by q·d; pair scores (the
+    engagement AUCs, NDCG) are q·d + b_q.
+    """
+
+    def __init__(self, product_ids: np.ndarray, vectors: np.ndarray, name: str):
+        self.name = name
+        self.product_ids = np.asarray(product_ids, dtype=object)
+        self.vectors = vectors
+        self.position = {p: i for i, p in enumerate(self.product_ids)}
+        self._cached: tuple[Judged, np.ndarray, np.ndarray] | None = None  # the last split's query vectors, biases
+
+    def query_vectors(self, judged: Judged) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def search(self, judged: Judged, k: int) -> np.ndarray:
+        from tf_q2e.index import exact_top_k
+
+        _, rows = exact_top_k(self.vectors, self._queries(judged), k)
+        return self.product_ids[rows]
+
+    def pair_vectors(self, judged: Judged) -> tuple[np.ndarray, np.ndarray]:
+        """The query and product vector of each judged pair: float32 [R, D] each."""
+        return self._queries(judged)[judged.row_query], self.vectors[self._rows(judged.row_product)]
+
+    def pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
+        """q·d + b_q of each judged row's query with `product_ids` [R], float32 [R]."""
+        return (np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[self._rows(product_ids)])
+                + self._biases(judged)[judged.row_query])
+
+    def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
+        """q·d of every catalogue product (in `product_ids` order) for the split's distinct queries
+        `start:stop`, float32 [stop - start, N]."""
+        return self._queries(judged)[start:stop] @ self.vectors.T
+
+    def _queries(self, judged: Judged) -> np.ndarray:
+        """The split's query vectors, computed once for search, pair scores and in-batch recall."""
+        if self._cached is None or self._cached[0] is not judged:
+            self._cached = (judged, *self.query_vectors(judged))
+        return self._cached[1]
+
+    def _biases(self, judged: Judged) -> np.ndarray:
+        """The split's query biases b_q [Q] (zeros without `model.query_bias`, and for MiniLM)."""
+        self._queries(judged)
+        return self._cached[2]
+
+    def _rows(self, product_ids: np.ndarray) -> np.ndarray:
+        return catalogue_rows(self.position, product_ids)
+
+
+class DenseRetriever(VectorRetriever):
     """A trained run's towers: exact search over the catalogue's product vectors.
 
     Search ranks by the dot product q·d; pair scores (the engagement AUCs,
@@ -34,13 +109,9 @@ class DenseRetriever:
     def __init__(self, model, product_ids: np.ndarray, vectors: np.ndarray, name: str = "dense"):
         import tensorflow as tf
 
-        self.name = name
+        super().__init__(product_ids, vectors, name)
         self.model = model
-        self.product_ids = np.asarray(product_ids, dtype=object)
-        self.vectors = vectors
-        self.position = {p: i for i, p in enumerate(self.product_ids)}
         self._tf = tf
-        self._cached: tuple[Judged, np.ndarray, np.ndarray] | None = None  # the last split's query vectors, biases
 
     def query_vectors(self, judged: Judged, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """`(vectors [Q, D] float32, query biases [Q] float32)` of the split's distinct queries."""
@@ -54,33 +125,9 @@ class DenseRetriever:
             biases.append(b.numpy())
         return np.concatenate(vectors).astype(np.float32), np.concatenate(biases).astype(np.float32)
 
-    def search(self, judged: Judged, k: int) -> np.ndarray:
-        from tf_q2e.index import exact_top_k
-
-        _, rows = exact_top_k(self.vectors, self._queries(judged), k)
-        return self.product_ids[rows]
-
-    def pair_vectors(self, judged: Judged) -> tuple[np.ndarray, np.ndarray]:
-        """The query and product vector of each judged pair: float32 [R, D] each."""
-        return self._queries(judged)[judged.row_query], self.vectors[self._rows(judged.row_product)]
-
-    def score_pairs(self, judged: Judged) -> np.ndarray:
-        """q·d + b_q of each judged pair, float32 [R]."""
-        return np.einsum("rd,rd->r", *self.pair_vectors(judged)) + self._biases(judged)[judged.row_query]
-
     def engagement_probabilities(self, judged: Judged) -> np.ndarray:
         """σ(s_e·(q·d + b_q) + b) of each judged pair: the engagement task's probability, float32 [R]."""
         return self.model.engagement.probability(self._tf.constant(self.score_pairs(judged))).numpy()
-
-    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
-        products = rng.integers(0, len(self.vectors), size=len(judged.row_query))
-        return (np.einsum("rd,rd->r", self._queries(judged)[judged.row_query], self.vectors[products])
-                + self._biases(judged)[judged.row_query])
-
-    def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
-        """The cosine of every catalogue product (in `product_ids` order) for the split's distinct
-        queries `start:stop`, float32 [stop - start, N]."""
-        return self._queries(judged)[start:stop] @ self.vectors.T
 
     def in_batch_recall_at_1(self, judged: Judged, batch_size: int, seed: int = 0) -> np.ndarray:
         """Per batch: the share of rows whose own product scores highest among the batch's products."""
@@ -98,19 +145,14 @@ class DenseRetriever:
             values.append(np.mean(np.argmax(scores, axis=1) == np.arange(len(b))))
         return np.array(values)
 
-    def _queries(self, judged: Judged) -> np.ndarray:
-        """The split's query vectors, computed once for search, pair scores and in-batch recall."""
-        if self._cached is None or self._cached[0] is not judged:
-            self._cached = (judged, *self.query_vectors(judged))
-        return self._cached[1]
 
-    def _biases(self, judged: Judged) -> np.ndarray:
-        """The split's query biases b_q [Q] (zeros without `model.query_bias`)."""
-        self._queries(judged)
-        return self._cached[2]
-
-    def _rows(self, product_ids: np.ndarray) -> np.ndarray:
-        return catalogue_rows(self.position, product_ids)
+def catalogue_positions(*retrievers) -> list[dict]:
+    """`{product id: row}` of each retriever's `product_ids`; ValueError unless all hold the same products."""
+    positions = [{p: i for i, p in enumerate(r.product_ids)} for r in retrievers]
+    if any(p.keys() != positions[0].keys() for p in positions[1:]):
+        sizes = ", ".join(f"{r.name} {len(p)} products" for r, p in zip(retrievers, positions))
+        raise ValueError(f"the retrievers index different catalogues ({sizes}); build them from the same one")
+    return positions
 
 
 def catalogue_rows(position: dict, product_ids) -> np.ndarray:
@@ -272,7 +314,7 @@ def catalogue_ranks(retriever, judged: Judged, columns: np.ndarray) -> np.ndarra
     return ranks
 
 
-class HybridRetriever:
+class HybridRetriever(_PairsByProduct):
     """Lexical + dense retrieval: a dense run and BM25 fused by reciprocal rank fusion (RRF).
 
     `score(q, p) = 1 / (k_rrf + rank_dense(q, p)) + 1 / (k_rrf + rank_bm25(q, p))`,
@@ -324,29 +366,150 @@ class HybridRetriever:
         self.k_rrf, self.depth = k_rrf, int(depth)
         self.name = name or f"hybrid({dense.name})"
         self.product_ids = np.asarray(dense.product_ids, dtype=object)
-        self._positions = [{p: i for i, p in enumerate(r.product_ids)} for r in (dense, bm25)]
-        if self._positions[0].keys() != self._positions[1].keys():
-            raise ValueError(f"the dense retriever ({len(self._positions[0])} products) and BM25 "
-                             f"({len(self._positions[1])} products) index different catalogues; build both from the same one")
+        self._positions = catalogue_positions(dense, bm25)
 
     def search(self, judged: Judged, k: int) -> np.ndarray:
         depth = max(self.depth, int(k))
         rankings = [self.dense.search(judged, depth), self.bm25.search(judged, depth)]
         return reciprocal_rank_fusion(rankings, min(int(k), len(self.product_ids)), self.k_rrf)[0]
 
-    def score_pairs(self, judged: Judged) -> np.ndarray:
-        return self._pair_scores(judged, judged.row_product)
-
-    def random_pair_scores(self, judged: Judged, rng: np.random.Generator) -> np.ndarray:
-        products = self.product_ids[rng.integers(0, len(self.product_ids), size=len(judged.row_query))]
-        return self._pair_scores(judged, products)
-
-    def _pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
-        """RRF of each row's (query, product) from full-catalogue ranks, float64 [R]."""
+    def pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
+        """RRF of each judged row's query with `product_ids` [R] from full-catalogue ranks, float64 [R]."""
         scores = np.zeros(len(judged.row_query), np.float64)
         for retriever, position in zip((self.dense, self.bm25), self._positions):
             scores += 1.0 / (self.k_rrf + catalogue_ranks(retriever, judged, catalogue_rows(position, product_ids)))
         return scores
+
+
+PRETRAINED_NAME = "minilm (zero-shot)"
+MINILM_MAX_TOKENS = 64  # model.max_tokens' default
+
+
+class _MiniLM:
+    """all-MiniLM-L6-v2 as one traced function `[n]` strings → `[n, 384]` unit vectors, loaded on first call
+    (a text cache that holds every text needs no encoder)."""
+
+    def __init__(self, max_tokens: int, path: str | None = None):
+        self.max_tokens, self.path = max_tokens, path
+        self._encode = None
+
+    def __call__(self, texts):
+        if self._encode is None:
+            import tensorflow as tf
+
+            from tf_q2e.pretrained.bert import SentenceEncoder
+            from tf_q2e.pretrained.files import MiniLMFiles
+
+            encoder = SentenceEncoder.from_files(MiniLMFiles.locate(self.path), self.max_tokens)
+            self._encode = tf.function(lambda batch: encoder(batch), input_signature=[tf.TensorSpec([None], tf.string)])
+        return self._encode(texts)
+
+
+class PretrainedRetriever(VectorRetriever):
+    """Zero-shot all-MiniLM-L6-v2 (`tf_q2e.pretrained`): exact search by the cosine of the sentence
+    encoder's vectors of the raw query and of the product's text (title and description joined with
+    " ", as the product tower's `PretrainedText` forms it). Pair scores are the same cosine (no bias).
+
+    The vectors go through a `TextEmbeddingCache` (`text_vectors(texts, what)`; `for_data`): one on
+    disk, shared with trained runs (`train.text_cache`) and later comparisons, or one in memory. Either
+    keeps float16 vectors, normalised again when read, so a cache directory changes the time only.
+    """
+
+    def __init__(self, product_ids: np.ndarray, vectors: np.ndarray, text_vectors, name: str = PRETRAINED_NAME):
+        super().__init__(product_ids, vectors, name)
+        self.text_vectors = text_vectors
+
+    @classmethod
+    def for_data(cls, data_dir: str, max_tokens: int = MINILM_MAX_TOKENS, cache_root: str | None = None,
+                 minilm_path: str | None = None, on_bad_rows: str = "error", log=None) -> "PretrainedRetriever":
+        """The retriever over a data set's catalogue, its product texts encoded now (those `cache_root`'s
+        `minilm-L6-T<max_tokens>` cache lacks; every one without `cache_root`); `log` gets progress lines."""
+        from tf_q2e.bm25 import read_catalog
+        from tf_q2e.pretrained.cache import TextEmbeddingCache, variant_name
+        from tf_q2e.pretrained.files import ARCHITECTURE
+        from tf_q2e.pretrained.modality import product_texts
+
+        catalog = read_catalog(dataset_files(data_dir)[0], on_bad_rows)
+        cache = (TextEmbeddingCache.open(cache_root, variant_name(ARCHITECTURE["layers"], max_tokens)) if cache_root
+                 else TextEmbeddingCache.in_memory(ARCHITECTURE["width"]))
+        encode, log = _MiniLM(max_tokens, minilm_path), log or _stderr
+
+        def text_vectors(texts, what: str) -> np.ndarray:
+            cache.fill(texts, encode, what, log)
+            vectors = cache.lookup(texts)
+            return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+        ids = catalog.column(S.PRODUCT_ID).to_pylist()
+        return cls(ids, text_vectors(product_texts(catalog), "product texts"), text_vectors)
+
+    def query_vectors(self, judged: Judged) -> tuple[np.ndarray, np.ndarray]:
+        """`(unit vectors [Q, 384] float32, zeros [Q])` of the split's distinct queries (their context plays no part)."""
+        return self.text_vectors(judged.queries, "queries"), np.zeros(len(judged.queries), np.float32)
+
+
+class LateFusionRetriever(_PairsByProduct):
+    """A trained run and zero-shot MiniLM, their scores added: `score(q, p) = q·d + w × cos(q, p)`.
+
+    * `search(judged, k)`: exact search over the whole catalogue by
+      `q·d + w × cos` (both retrievers' `catalogue_scores`, `_RANK_CHUNK`
+      queries at a time: memory O(_RANK_CHUNK · N)); `search_weights` does it
+      for several w at once, each chunk's scores computed once.
+    * `score_pairs` / `random_pair_scores`: `q·d + b_q + w × cos`, the run's
+      pair score (its engagement score) plus w × the cosine.
+
+    w = 0 is the run's own ranking; as w grows it tends to zero-shot MiniLM's.
+
+    Args:
+      dense: the run's `DenseRetriever` (anything with `product_ids`,
+        `catalogue_scores` and `pair_scores`).
+      pretrained: a `PretrainedRetriever` over the same catalogue.
+      weight: w (>= 0).
+      name: the report's model name (default `late fusion: <run> + <w> × minilm`).
+    """
+
+    def __init__(self, dense, pretrained, weight: float, name: str | None = None):
+        if not (np.isfinite(weight) and weight >= 0):
+            raise ValueError(f"the fusion weight ({weight!r}) must be a finite number >= 0")
+        self.dense, self.pretrained, self.weight = dense, pretrained, float(weight)
+        self.name = name or f"late fusion: {dense.name} + {weight:g} × minilm"
+        self.product_ids = np.asarray(dense.product_ids, dtype=object)
+        self._columns = catalogue_rows(catalogue_positions(dense, pretrained)[1], self.product_ids)
+
+    def search(self, judged: Judged, k: int) -> np.ndarray:
+        return self.search_weights(judged, k, [self.weight])[0]
+
+    def search_weights(self, judged: Judged, k: int, weights) -> list[np.ndarray]:
+        """`search` with each fusion weight of `weights`: one `[Q, min(k, N)]` array of ids per weight."""
+        from tf_q2e.index import top_k
+
+        k = min(int(k), len(self.product_ids))
+        found = [np.empty((len(judged.queries), k), dtype=object) for _ in weights]
+        for start in range(0, len(judged.queries), _RANK_CHUNK):
+            stop = min(start + _RANK_CHUNK, len(judged.queries))
+            dense, text = self._catalogue_parts(judged, start, stop)
+            for ids, weight in zip(found, weights):
+                ids[start:stop] = self.product_ids[top_k(dense + np.float32(weight) * text, k)[1]]
+        return found
+
+    def catalogue_scores(self, judged: Judged, start: int, stop: int) -> np.ndarray:
+        """`q·d + w × cos` of every catalogue product (in `product_ids` order) for the split's distinct
+        queries `start:stop`, float32 [stop - start, N]."""
+        dense, text = self._catalogue_parts(judged, start, stop)
+        return dense + np.float32(self.weight) * text
+
+    def pair_scores(self, judged: Judged, product_ids: np.ndarray) -> np.ndarray:
+        """`q·d + b_q + w × cos` of each judged row's query with `product_ids` [R]."""
+        return (self.dense.pair_scores(judged, product_ids)
+                + np.float32(self.weight) * self.pretrained.pair_scores(judged, product_ids))
+
+    def _catalogue_parts(self, judged: Judged, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The run's q·d and MiniLM's cosine of the queries `start:stop`, both [C, N] in `product_ids` order."""
+        return (self.dense.catalogue_scores(judged, start, stop),
+                self.pretrained.catalogue_scores(judged, start, stop)[:, self._columns])
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None):

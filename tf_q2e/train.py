@@ -272,11 +272,9 @@ def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[st
     """Encodes, with each frozen pretrained modality, every distinct text it will see that its cache under
     `root` lacks (`tf_q2e.pretrained.cache`), and attaches the caches: the queries of `impression_files`
     (every split, pseudo-queries included) and the catalogue `products` (an Arrow table)."""
-    import time
-
     from tf_q2e.data.validate import Validator
     from tf_q2e.pretrained.cache import TextEmbeddingCache
-    from tf_q2e.pretrained.modality import joined
+    from tf_q2e.pretrained.modality import product_texts
 
     frozen = {name: m for name, m in model.pretrained_modalities.items() if m.frozen}
     texts = {}
@@ -287,17 +285,12 @@ def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[st
                 queries += table.column(S.QUERY).to_pylist()
         texts["query_pretrained"] = (queries, "distinct queries")
     if "product_pretrained" in frozen:
-        fields = [tf.constant(products.column(c).to_pylist(), tf.string)
-                  for c in (S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION)]
-        texts["product_pretrained"] = (joined(fields).numpy().tolist(), "product texts")
+        texts["product_pretrained"] = (product_texts(products), "product texts")
     for name, (values, what) in texts.items():
         modality, cache = frozen[name], TextEmbeddingCache.open(root, frozen[name].variant)
         encode = tf.function(lambda batch, m=modality: m.encode(batch),
                              input_signature=[tf.TensorSpec([None], tf.string)])
-        start = time.perf_counter()
-        added = cache.update(values, encode, what=what, log=_log)
-        _log(f"text cache {cache.directory}: {len(cache)} vectors, {added} encoded now"
-             + (f" in {time.perf_counter() - start:.0f} s" if added else ""))
+        cache.fill(values, encode, what, _log)
     model.attach_text_cache(root)
 
 

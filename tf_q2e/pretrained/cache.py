@@ -8,8 +8,9 @@ text every time, so `q2e train` encodes each distinct text once, before the
 first epoch, and training, evaluation and `q2e index` look the vectors up.
 
 The cache is a directory (default `RUN/text_cache/`; `train.text_cache` shares
-one between runs) with one folder per encoder variant
-(`minilm-L6-T64`: layers, max tokens) of parts, each two `.npy` files (read
+one between runs, `q2e compare --text-cache` reads and fills it too) with one
+folder per encoder variant (`variant_name`: `minilm-L6-T64` for 6 layers, 64
+max tokens) of parts, each two `.npy` files (read
 with `allow_pickle=False`): `part-N.keys.npy` (int64 hashes of the texts'
 UTF-8 bytes, `tf.strings.to_hash_bucket_fast(text, 2**63 - 1)`, FarmHash
 Fingerprint64) and `part-N.vectors.npy` (float16 `[n, 384]`; the encoder's
@@ -18,7 +19,9 @@ texts no part holds yet and appends a part, so a second run over the same data
 encodes nothing.
 
 In the graph, `rows(texts)` maps texts to rows of `vectors` (-1 for a text the
-cache lacks: `PretrainedText` encodes those live).
+cache lacks: `PretrainedText` encodes those live); in NumPy, `lookup(texts)`
+gives their vectors. `TextEmbeddingCache.in_memory()` is the same cache with
+no directory: `update` keeps the new vectors in memory only.
 
 Example:
     cache = TextEmbeddingCache.open("runs/x/text_cache", "minilm-L6-T64")
@@ -31,6 +34,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -42,6 +46,11 @@ HASH_BUCKETS = 2**63 - 1
 ENCODE_BATCH = 256
 
 
+def variant_name(layers: int, max_tokens: int) -> str:
+    """The cache folder of all-MiniLM-L6-v2's vectors through its first `layers` blocks, `max_tokens` tokens."""
+    return f"minilm-L{int(layers)}-T{int(max_tokens)}"
+
+
 def text_keys(texts) -> np.ndarray:
     """The int64 hash of each text (str or bytes), as `rows` computes it in the graph."""
     return tf.strings.to_hash_bucket_fast(tf.constant(list(texts), tf.string), HASH_BUCKETS).numpy()
@@ -50,11 +59,12 @@ def text_keys(texts) -> np.ndarray:
 class TextEmbeddingCache:
     """Vectors of texts by hash, in a directory of `.npy` parts (see the module docstring)."""
 
-    def __init__(self, directory: str, keys: np.ndarray, vectors: np.ndarray):
-        self.directory = directory
+    def __init__(self, directory: str | None, keys: np.ndarray, vectors: np.ndarray):
+        self.directory = directory  # None: in memory only
         self.keys = keys
         self.vectors_np = vectors
         self._graph = None
+        self._row_of: dict | None = None  # key -> row, for `lookup`
 
     @classmethod
     def open(cls, root: str, variant: str, width: int = 384) -> "TextEmbeddingCache":
@@ -70,6 +80,11 @@ class TextEmbeddingCache:
             keys.append(part_keys.astype(np.int64))
             vectors.append(part_vectors.astype(np.float16))
         return cls(directory, np.concatenate(keys), np.concatenate(vectors))
+
+    @classmethod
+    def in_memory(cls, width: int = 384) -> "TextEmbeddingCache":
+        """An empty cache that writes nothing: `update` keeps its parts in memory."""
+        return cls(None, np.zeros([0], np.int64), np.zeros([0, width], np.float16))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -96,14 +111,35 @@ class TextEmbeddingCache:
             parts.append(np.asarray(encode(tf.constant(batch, tf.string)), np.float32).astype(np.float16))
             progress.update(start + len(batch))
         vectors, keys = np.concatenate(parts), text_keys(todo)
-        os.makedirs(self.directory, exist_ok=True)
-        index = len(glob.glob(os.path.join(self.directory, "part-*.keys.npy")))
-        stem = os.path.join(self.directory, f"part-{index:05d}")
-        np.save(stem + ".vectors.npy", vectors, allow_pickle=False)
-        np.save(stem + ".keys.npy", keys, allow_pickle=False)  # last: a part counts once its keys exist
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            index = len(glob.glob(os.path.join(self.directory, "part-*.keys.npy")))
+            stem = os.path.join(self.directory, f"part-{index:05d}")
+            np.save(stem + ".vectors.npy", vectors, allow_pickle=False)
+            np.save(stem + ".keys.npy", keys, allow_pickle=False)  # last: a part counts once its keys exist
         self.keys, self.vectors_np = np.concatenate([self.keys, keys]), np.concatenate([self.vectors_np, vectors])
-        self._graph = None
+        self._graph = self._row_of = None
         return len(todo)
+
+    def fill(self, texts, encode, what: str, log) -> int:
+        """`update`, then one line through `log`: the cache's size and how many texts were encoded now."""
+        start = time.perf_counter()
+        added = self.update(texts, encode, what=what, log=log)
+        log(f"text cache {self.directory or '(in memory)'}: {len(self)} vectors, {added} encoded now"
+            + (f" in {time.perf_counter() - start:.0f} s" if added else ""))
+        return added
+
+    def lookup(self, texts) -> np.ndarray:
+        """The vectors of `texts` (str or bytes), float32 `[n, W]`; KeyError for a text the cache lacks."""
+        if self._row_of is None:
+            self._row_of = {k: i for i, k in enumerate(self.keys.tolist())}
+        if not len(texts):
+            return np.zeros([0, self.vectors_np.shape[1]], np.float32)
+        try:
+            rows = [self._row_of[k] for k in text_keys(texts).tolist()]
+        except KeyError:
+            raise KeyError(f"the text cache lacks {len(self.missing(texts))} of the texts; update it first") from None
+        return self.vectors_np[rows].astype(np.float32)
 
     def _tables(self):
         """The hash table (text hash → row) and the vectors as a tensor, made eagerly on first use (even

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_q2e.data import schema as S
 from tf_q2e.pretrained.bert import SentenceEncoder
-from tf_q2e.pretrained.cache import TextEmbeddingCache
+from tf_q2e.pretrained.cache import TextEmbeddingCache, variant_name
 from tf_q2e.pretrained.files import MiniLMFiles
 
 serializable = tf.keras.utils.register_keras_serializable(package="tf_q2e")
@@ -48,6 +49,13 @@ def joined(texts) -> tf.Tensor:
     stacked = tf.stack([tf.reshape(t, [-1]) for t in texts], axis=1)  # [B, F]
     present = tf.ragged.boolean_mask(stacked, tf.strings.length(tf.strings.strip(stacked)) > 0)
     return tf.strings.reduce_join(present, axis=1, separator=" ")
+
+
+def product_texts(catalog) -> list[bytes]:
+    """The text the product tower's `PretrainedText` encodes of each product of a catalogue (an Arrow table):
+    its title and description `joined`."""
+    return joined([tf.constant(catalog.column(c).to_pylist(), tf.string)
+                   for c in (S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION)]).numpy().tolist()
 
 
 @serializable
@@ -77,7 +85,7 @@ class PretrainedText(tf.keras.layers.Layer):
     @property
     def variant(self) -> str:
         """The cache folder of this modality's vectors: encoder, layers, max tokens."""
-        return f"minilm-L{self.layers}-T{self.encoder.tokenizer.max_tokens}"
+        return variant_name(self.layers, self.encoder.tokenizer.max_tokens)
 
     def attach_cache(self, cache: TextEmbeddingCache | None) -> None:
         """Looks frozen vectors up in `cache` (None: encode every text)."""
