@@ -22,6 +22,9 @@ says so and does the synthetic marketplace only.
 
     python benchmarks/quality.py --out runs/quality            # both data sets, lambdas 0 and 0.5, seeds 0 1 2
     python benchmarks/quality.py --datasets synth --seeds 0    # quick
+    # the pretrained text encoder, with the zero-shot and late-fusion baselines, in its own section:
+    python benchmarks/quality.py --datasets homedepot --lambdas 0.5 --variant minilm --pretrained \
+        --set model.text_encoder=minilm --set train.text_cache=runs/quality/text_cache
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ def prepare(dataset: str, out: str, args, log: list[str]) -> str | None:
 
 def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict:
     runs: dict[str, list[str]] = {}
+    prefix = f"{args.variant}-" if args.variant else ""
     for lam in args.lambdas:
         for seed in args.seeds:
-            run = os.path.join(out, dataset, f"l{lam:g}-s{seed}")
+            run = os.path.join(out, dataset, f"{prefix}l{lam:g}-s{seed}")
             reuse = os.path.exists(os.path.join(run, "eval", "report.json"))  # listed, not rerun
             q2e("train", "--config", args.config or CONFIGS[dataset], "--data", data,
                 "--set", f"model.engagement_weight={lam:g}", "--set", f"train.seed={seed}", *sum((["--set", s] for s in args.set), []),
@@ -84,8 +88,10 @@ def run_dataset(dataset: str, data: str, out: str, args, log: list[str]) -> dict
 
 def split_rows(split: str, runs: dict[str, list[str]], out: str, dataset: str, args, log: list[str]) -> dict:
     """The table rows of one split: each weight's mean over seeds, BM25, and each weight's hybrid."""
-    compare_dir = os.path.join(out, dataset, "compare" if split == "test" else f"compare-{split}")
-    q2e("compare", *[r for rs in runs.values() for r in rs], "--split", split, "--bm25", "--hybrid",
+    compare_dir = os.path.join(out, dataset, (f"{args.variant}-" if args.variant else "")
+                               + ("compare" if split == "test" else f"compare-{split}"))
+    pretrained = ["--pretrained", "--late-fusion", "--text-cache", os.path.join(out, "text_cache")] if args.pretrained else []
+    q2e("compare", *[r for rs in runs.values() for r in rs], "--split", split, "--bm25", "--hybrid", *pretrained,
         "--out", compare_dir, "--bootstrap", str(args.bootstrap), log=log)
     with open(os.path.join(compare_dir, "compare.json"), encoding="utf-8") as f:
         reports = json.load(f)
@@ -93,8 +99,10 @@ def split_rows(split: str, runs: dict[str, list[str]], out: str, dataset: str, a
     def key(path):  # a run directory may be reached through a symbolic link
         return os.path.realpath(path or "")
 
-    dense = {key(r.get("run")): r for r in reports if r["model"] != "bm25" and not r["model"].startswith("hybrid(")}
+    baseline = ("bm25", "hybrid(", "minilm (zero-shot)", "late fusion:")
+    dense = {key(r.get("run")): r for r in reports if not r["model"].startswith(baseline)}
     hybrid = {key(r.get("run")): r for r in reports if r["model"].startswith("hybrid(")}
+    fusion = {key(r.get("run")): r for r in reports if r["model"].startswith("late fusion:")}
     rows = {}
     for lam, rs in runs.items():
         rows[f"λ = {lam}" + (" (contrastive only)" if float(lam) == 0 else " (Que2Engage)")] = mean_over_seeds(
@@ -103,6 +111,15 @@ def split_rows(split: str, runs: dict[str, list[str]], out: str, dataset: str, a
     rows["BM25 (bm25s, Snowball stemmer)"] = {m: (bm25["metrics"][m]["mean"], None) for m in METRICS if m in bm25["metrics"]}
     for lam, rs in runs.items():
         rows[f"hybrid: BM25 + λ = {lam} (RRF)"] = mean_over_seeds([hybrid[key(r)] for r in rs])
+    zero_shot = next((r for r in reports if r["model"] == "minilm (zero-shot)"), None)
+    if zero_shot is not None:
+        rows["all-MiniLM-L6-v2 zero-shot (exact)"] = {m: (zero_shot["metrics"][m]["mean"], None) for m in METRICS
+                                                      if m in zero_shot["metrics"]}
+    for lam, rs in runs.items():
+        if all(key(r) in fusion for r in rs):
+            weights = sorted({fusion[key(r)].get("fusion_weight") for r in rs})
+            rows[f"late fusion: λ = {lam} + w × MiniLM cosine (w {', '.join(f'{w:g}' for w in weights)}, "
+                 "chosen on validation)"] = mean_over_seeds([fusion[key(r)] for r in rs])
     return {"rows": rows, "queries": bm25["queries"], "queries_with_engaged": bm25["queries_with_engaged"],
             "compare": compare_dir}
 
@@ -182,6 +199,11 @@ def main(argv=None) -> int:
     p.add_argument("--synth-impressions", type=int, default=200000)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "RESULTS.md"))
+    p.add_argument("--variant", help="a name for runs with other --set overrides: their run directories, compare "
+                                     "directories and RESULTS.md section carry it (e.g. minilm)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="add the zero-shot all-MiniLM-L6-v2 row and each λ's late fusion with it (q2e compare "
+                        "--pretrained --late-fusion; vectors cached in OUT/text_cache)")
     args = p.parse_args(argv)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for dataset in args.datasets:
@@ -192,16 +214,17 @@ def main(argv=None) -> int:
             write_results(args.results, dataset, f"## {dataset}\n\nNot run: {args.homedepot} is missing.\n")
             continue
         result = run_dataset(dataset, data, args.out, args, log)
+        section = f"{dataset} {args.variant}" if args.variant else dataset
         text = ""
         for split in ("test", "validation"):
             r = result[split]
-            text += (f"## {dataset}: {split} split, {r['queries']} queries ({r['queries_with_engaged']} with an engaged product)\n\n"
+            text += (f"## {section}: {split} split, {r['queries']} queries ({r['queries_with_engaged']} with an engaged product)\n\n"
                      + table(r["rows"], len(args.seeds)) + "\n" + differences(r["rows"]) + "\n")
         text += (f"Produced by `{command}` (this pass: {time.perf_counter() - start:.0f} s on a 2-core CPU; runs whose report "
                  + "existed were reused); the commands behind the tables "
                  + "(from the repository root, `.venv/bin/` on the PATH):\n\n```sh\n" + "\n".join(log) + "\n```\n")
         print(text, flush=True)
-        write_results(args.results, dataset, text)
+        write_results(args.results, section, text)
     print(f"wrote {args.results}")
     return 0
 
