@@ -260,3 +260,25 @@ def test_a_model_with_the_pretrained_encoder_saves_and_loads(tmp_path):
     rows = {"query": tf.constant(["grey jute rug", "sofa"])}
     loaded = tf_q2e.load(tf_q2e.save(model, str(tmp_path / "saved")))
     np.testing.assert_allclose(loaded.query_tower(rows).numpy(), model.query_tower(rows).numpy(), atol=1e-6)
+
+
+def test_the_pretrained_channel_adds_beta_times_the_encoders_cosine_to_the_dot_product():
+    config = load_config(None, SMALL + ["model.text_encoder=minilm", "model.max_tokens=32", "model.pretrained_weight=0.8",
+                                        "model.term_dim=8", "model.query_bias=true", "model.engagement_bias=learned"])
+    model = tf_q2e.build_model(config, FeatureSchema(0, ()))
+    rows = {"query": tf.constant(["grey jute rug", "sofa"]), "product_title": tf.constant(["Grey Jute Rug", "Lamp"]),
+            "product_description": tf.constant(["", "brass"]), "product_category": tf.constant(["rug", "lamp"])}
+    q, p = model.query_tower(rows), model.product_tower(rows)
+    assert q.shape[1] == p.shape[1] == 16 + 384 + 8  # [unit ; √β·MiniLM ; term channel]
+    encoder = model.pretrained_modalities["query_pretrained"].encoder
+    minilm = tf.reduce_sum(encoder(rows["query"]) * encoder(tf.constant(["Grey Jute Rug", "Lamp brass"])), axis=1)
+    np.testing.assert_allclose(tf.reduce_sum(q[:, 16:400] * p[:, 16:400], axis=1).numpy(), 0.8 * minilm.numpy(), atol=1e-5)
+    np.testing.assert_allclose(tf.norm(q[:, :16], axis=1).numpy(), [1, 1], atol=1e-6)
+    with pytest.raises(ConfigError, match="model.pretrained_weight needs model.query_layers 6, not 2"):
+        load_config(None, ["model.text_encoder=minilm", "model.pretrained_weight=1", "model.query_layers=2"])
+    with pytest.raises(ConfigError, match="needs a pretrained encoder: set model.text_encoder=minilm"):
+        load_config(None, ["model.pretrained_weight=1"])
+    # Both tasks score the unit vectors and the channel (the term channel joins the engagement task only).
+    model.compile(optimizer=tf_q2e.SparseAdam(1e-3))
+    batch = {**rows, "product_id": tf.constant(["a", "b"]), "engaged": tf.constant([1, 0])}
+    assert np.isfinite(model.train_step(batch)["loss"].numpy())

@@ -121,7 +121,7 @@ def _migrate(raw: dict) -> dict:
 MODALITIES = ("query_text", "query_context", "query_pretrained", "title", "description", "category", "image",
               "product_pretrained")
 # all-MiniLM-L6-v2's transformer blocks and longest input (tf_q2e.pretrained).
-PRETRAINED_LAYERS, PRETRAINED_MAX_TOKENS = 6, 512
+PRETRAINED_LAYERS, PRETRAINED_MAX_TOKENS, PRETRAINED_WIDTH = 6, 512, 384
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,14 @@ class ModelConfig:
       query_layers: how many of the encoder's 6 blocks the query tower runs
         (the product tower runs all 6): fewer is faster at serving time
         (Que2Search ran 2 layers over queries).
+      pretrained_weight: β: both towers append the pretrained encoder's
+        unit vector times √β to their vectors (after the unit vector, before
+        the term channel), so the dot product becomes cos(q, d) + β × the
+        encoder's own cosine of query and product text: a late fusion with
+        the zero-shot encoder, learned jointly (both tasks score it, so the
+        towers learn what the encoder misses). Vectors grow by 384 entries.
+        0 = off. Needs `query_layers: 6` (the two sides must come from the
+        same encoder).
       trainable_layers: the top N blocks are fine-tuned (for GPUs); 0 keeps
         the encoder frozen, and then `q2e train` encodes each distinct text
         once, before the first epoch, into a cache (`train.text_cache`).
@@ -235,6 +243,7 @@ class ModelConfig:
     minilm_path: str | None = None
     max_tokens: int = 64
     query_layers: int = 6
+    pretrained_weight: float = 0.0
     trainable_layers: int = 0
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
@@ -446,6 +455,14 @@ def _check(cfg: Config) -> None:
     if not 1 <= m.query_layers <= PRETRAINED_LAYERS:
         raise ConfigError(f"model.query_layers ({m.query_layers}) must be in [1, {PRETRAINED_LAYERS}]: the encoder has "
                           f"{PRETRAINED_LAYERS} blocks")
+    if not (math.isfinite(m.pretrained_weight) and m.pretrained_weight >= 0):
+        raise ConfigError(f"model.pretrained_weight ({m.pretrained_weight}) must be a number, 0 (off) or more")
+    if m.pretrained_weight and m.text_encoder == "none":
+        raise ConfigError(f"model.pretrained_weight ({m.pretrained_weight}) needs a pretrained encoder: set "
+                          "model.text_encoder=minilm")
+    if m.pretrained_weight and m.query_layers != PRETRAINED_LAYERS:
+        raise ConfigError(f"model.pretrained_weight needs model.query_layers {PRETRAINED_LAYERS}, not "
+                          f"{m.query_layers}: the channel's cosine compares query and product vectors of the same encoder")
     if not 0 <= m.trainable_layers <= PRETRAINED_LAYERS:
         raise ConfigError(f"model.trainable_layers ({m.trainable_layers}) must be in [0, {PRETRAINED_LAYERS}] "
                           "(0: frozen)")

@@ -40,7 +40,7 @@ from tf_q2e.config import Config
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
-from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training
+from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training, trained_width
 
 # Buckets of the engagement AUC metric over (1 + tanh(score / span)) / 2, in (0, 1).
 AUC_THRESHOLDS = 1001
@@ -211,7 +211,8 @@ class Que2EngageModel(tfrs.Model):
         m = self.config.model
         # The contrastive task scores with the cosine; the engagement task with the whole dot product
         # (the term channel's part too) and the query bias when it learns a part of the channel.
-        cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
+        width = trained_width(m)  # the cosine (+ β·the pretrained encoder's cosine, with its channel)
+        cosine = queries[:, :width], products[:, :width]
         with_channel = channel_in_training(m)
         bce_pair = (queries, products) if with_channel else cosine
         ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID])
@@ -222,9 +223,10 @@ class Que2EngageModel(tfrs.Model):
         engaged = tf.maximum(tf.cast(features[S.ENGAGED], tf.float32), 0.0)
         score = tf.reduce_sum(tf.cast(bce_pair[0], tf.float32) * tf.cast(bce_pair[1], tf.float32), axis=1)
         score += tf.cast(query_bias, tf.float32) if m.query_bias else 0.0
-        # The cosine is in [-1, 1]; a term channel adds about α · coverage (coverage ~ [0, 1]), a query
-        # bias any real number: tanh maps the score into the buckets' (0, 1) without clipping ties.
-        span = 1.0 + (m.term_weight if with_channel else 0.0)
+        # The cosine is in [-1, 1]; the pretrained channel adds β·[-1, 1], a term channel about
+        # α · coverage (coverage ~ [0, 1]), a query bias any real number: tanh maps the score into the
+        # buckets' (0, 1) without clipping ties.
+        span = 1.0 + m.pretrained_weight + (m.term_weight if with_channel else 0.0)
         self.engagement_auc.update_state(engaged, 0.5 + 0.5 * tf.math.tanh(score / span), sample_weight=bce.labelled)
         return ctr.loss, bce.loss
 

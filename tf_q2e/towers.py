@@ -38,10 +38,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import tensorflow as tf
 
-from tf_q2e.config import FeaturesConfig, ModelConfig, config_section
+from tf_q2e.config import PRETRAINED_WIDTH, FeaturesConfig, ModelConfig, config_section
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher, hash_strings, normalized_values
 from tf_q2e.terms import TermChannel
@@ -358,13 +359,19 @@ class _Tower(tf.keras.layers.Layer):
 
     def modality_vectors(self, features: dict, training=None) -> tf.Tensor:
         """`[B, N, D]`: each modality's vector, after modality dropout."""
-        vectors = []
+        return self._modality_outputs(features, training)[0]
+
+    def _modality_outputs(self, features: dict, training=None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """`([B, N, D] modality vectors after modality dropout, the pretrained modality's unit vectors
+        [B, 384] or None)`."""
+        vectors, unit = [], None
         for name in self.modality_names:
             key, encoder = self.inputs[name], self.encoders[name]
             if _is_pretrained(encoder):
                 from tf_q2e.pretrained.modality import ROWS_SUFFIX
 
-                x = encoder(self._texts(name, features), rows=features.get(name + ROWS_SUFFIX), training=training)
+                x, unit = encoder(self._texts(name, features), rows=features.get(name + ROWS_SUFFIX), training=training,
+                                  return_unit=True)
             else:
                 if isinstance(key, str):
                     x = features[key + IDS_SUFFIX] if key + IDS_SUFFIX in features else features[key]
@@ -372,15 +379,18 @@ class _Tower(tf.keras.layers.Layer):
                     x = [features[k] for k in key]
                 x = encoder(x)
             vectors.append(self.dropouts[name](x, training=training))
-        return tf.stack(vectors, axis=1)
+        return tf.stack(vectors, axis=1), unit
 
     def _fuse(self, stacked: tf.Tensor) -> tf.Tensor:
         return tf.math.l2_normalize(tf.cast(self.fusion(stacked), tf.float32), axis=-1)  # [B, D] float32
 
     def call(self, features: dict, training=None, return_bias: bool = False):
-        """`[B, D]` unit vectors (`[B, D + K]` with the term channel); with `return_bias`, also the query
-        bias `[B]` (zeros for products and without `model.query_bias`)."""
-        vectors = self._head(self.modality_vectors(features, training=training))
+        """`[B, D]` unit vectors (`[B, D + P + K]` with the pretrained channel and the term channel); with
+        `return_bias`, also the query bias `[B]` (zeros for products and without `model.query_bias`)."""
+        stacked, unit = self._modality_outputs(features, training=training)
+        vectors = self._head(stacked)
+        if self.model_cfg.pretrained_weight:  # the pretrained channel: √β·u, so q·d gains β·cos_pretrained
+            vectors = tf.concat([vectors, math.sqrt(self.model_cfg.pretrained_weight) * unit], axis=-1)
         bias = None
         # In training the channel joins only when the engagement task learns a part of it.
         if self.term_channel is not None and not (training and not channel_in_training(self.model_cfg)):
@@ -493,6 +503,12 @@ def _pretrained(m: ModelConfig, layers: int | None, sentence_encoder, name: str)
     return PretrainedText(m.embedding_dim, layers or ARCHITECTURE_LAYERS, encoder=sentence_encoder,
                           minilm_path=m.minilm_path, max_tokens=m.max_tokens, trainable_layers=m.trainable_layers,
                           name=name)
+
+
+def trained_width(model_cfg: ModelConfig) -> int:
+    """How many leading entries of the towers' vectors the contrastive task scores: the unit vector's D, and
+    the pretrained channel's P when there is one (the term channel comes after them)."""
+    return model_cfg.embedding_dim + (PRETRAINED_WIDTH if model_cfg.pretrained_weight else 0)
 
 
 def channel_in_training(model_cfg: ModelConfig) -> bool:

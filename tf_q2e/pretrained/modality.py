@@ -117,13 +117,18 @@ class PretrainedText(tf.keras.layers.Layer):
 
         return tf.cond(tf.size(missing) > 0, fill, lambda: vectors)
 
-    def call(self, texts, rows: tf.Tensor | None = None, training=None) -> tf.Tensor:
-        """Raw text `[B]` (or a list of fields) → `[B, output_dim]`; with a cache attached, from the cache
-        (`rows`: `featurize`'s, else looked up here)."""
+    def unit_vectors(self, texts, rows: tf.Tensor | None = None, training=None) -> tf.Tensor:
+        """The encoder's unit vectors `[B, 384]` of raw text (or a list of fields); with a cache attached, from
+        the cache (`rows`: `featurize`'s, else looked up here)."""
         if rows is None and self.cache is not None:
             rows = self.featurize(texts)
-        vectors = self.encode(texts, training=training) if rows is None else self.cached_vectors(texts, rows)
-        return self.projection(vectors)
+        return self.encode(texts, training=training) if rows is None else self.cached_vectors(texts, rows)
+
+    def call(self, texts, rows: tf.Tensor | None = None, training=None, return_unit: bool = False):
+        """Raw text `[B]` (or a list of fields) → `[B, output_dim]` (and, with `return_unit`, the encoder's
+        unit vectors `[B, 384]` it projected)."""
+        unit = self.unit_vectors(texts, rows, training=training)
+        return (self.projection(unit), unit) if return_unit else self.projection(unit)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "output_dim": self.output_dim, "layers": self.layers,
