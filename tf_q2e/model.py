@@ -88,6 +88,9 @@ class Que2EngageModel(tfrs.Model):
 
             sentence_encoder = SentenceEncoder.from_files(MiniLMFiles.locate(m.minilm_path), m.max_tokens,
                                                           m.trainable_layers)
+            if m.text_sharing == "encoder":  # a siamese path: query and product texts share the projection too
+                sentence_encoder = (sentence_encoder,
+                                    tf.keras.layers.Dense(m.embedding_dim, name="shared_pretrained_projection"))
         self.query_tower = QueryTower(f, m, self.context_columns, text_bag=shared_bag, seed=seed, text_encoder=encoder,
                                       sentence_encoder=sentence_encoder, jit_compile=jit_compile, name="query_tower")
         self.product_tower = ProductTower(f, m, image_dim, text_bag=shared_bag, seed=seed, text_encoder=encoder,

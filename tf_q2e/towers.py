@@ -497,11 +497,13 @@ def _is_pretrained(layer) -> bool:
 
 def _pretrained(m: ModelConfig, layers: int | None, sentence_encoder, name: str):
     """The tower's `PretrainedText` modality (`model.text_encoder`), on the model's shared
-    `SentenceEncoder` when given."""
+    `SentenceEncoder` (and, with `model.text_sharing: encoder`, projection: `sentence_encoder` is then
+    `(encoder, projection)`) when given."""
     from tf_q2e.pretrained.modality import PretrainedText  # tensorflow-text: only when a tower has one
 
-    return PretrainedText(m.embedding_dim, layers or ARCHITECTURE_LAYERS, encoder=sentence_encoder,
-                          minilm_path=m.minilm_path, max_tokens=m.max_tokens, trainable_layers=m.trainable_layers,
+    encoder, projection = sentence_encoder if isinstance(sentence_encoder, tuple) else (sentence_encoder, None)
+    return PretrainedText(m.embedding_dim, layers or ARCHITECTURE_LAYERS, encoder=encoder, minilm_path=m.minilm_path,
+                          max_tokens=m.max_tokens, trainable_layers=m.trainable_layers, projection=projection,
                           name=name)
 
 

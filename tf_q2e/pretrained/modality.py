@@ -64,16 +64,19 @@ class PretrainedText(tf.keras.layers.Layer):
 
     `encoder` is a `SentenceEncoder` (shared by both towers: the model passes
     it) or None, to build one from `minilm_path` (None: the installed package's
-    weights) with `max_tokens` and `trainable_layers`.
+    weights) with `max_tokens` and `trainable_layers`. `projection` is a Dense
+    layer shared with the other tower's modality (`model.text_sharing:
+    encoder`), or None for its own.
     """
 
     def __init__(self, output_dim: int, layers: int = 6, encoder: SentenceEncoder | None = None,
-                 minilm_path: str | None = None, max_tokens: int = 64, trainable_layers: int = 0, **kwargs):
+                 minilm_path: str | None = None, max_tokens: int = 64, trainable_layers: int = 0,
+                 projection: tf.keras.layers.Dense | None = None, **kwargs):
         super().__init__(**kwargs)
         self.output_dim, self.layers = int(output_dim), int(layers)
         self.minilm_path, self.max_tokens, self.trainable_layers = minilm_path, int(max_tokens), int(trainable_layers)
         self.encoder = encoder or SentenceEncoder.from_files(MiniLMFiles.locate(minilm_path), max_tokens, trainable_layers)
-        self.projection = tf.keras.layers.Dense(self.output_dim, name="projection")
+        self.projection = projection or tf.keras.layers.Dense(self.output_dim, name="projection")
         self._cache = _Untracked()
 
     @property
