@@ -7,9 +7,15 @@ tower appends its term channel (`tf_q2e.terms`: query-term coverage as part
 of the dot product), so its vectors are [unit vector ; √α · t]:
 
     query tower:   query_text (hashed n-gram bag → MLP), query_context (hashed
-                   embedding of each `query_*` context column, summed)
+                   embedding of each `query_*` context column, summed),
+                   query_pretrained (`model.text_encoder`: a pretrained
+                   sentence encoder → Dense; `tf_q2e.pretrained`)
     product tower: title, description (hashed n-gram bags → MLP each),
-                   category (hashed embedding), image (MLP), when present
+                   category (hashed embedding), image (MLP), when present,
+                   product_pretrained (the encoder over title + description)
+
+With `model.pretrained_weight` β each tower also appends √β × its pretrained
+encoder's unit vector after its unit vector (before the term channel).
 
 The query tower also returns the query bias b_q `[B]` when asked
 (`query_tower(features, return_bias=True)`; zeros unless `model.query_bias`):
