@@ -208,8 +208,12 @@ class ModelConfig:
         unit vector times √β to their vectors (after the unit vector, before
         the term channel), so the dot product becomes cos(q, d) + β × the
         encoder's own cosine of query and product text: a late fusion with
-        the zero-shot encoder, learned jointly (both tasks score it, so the
-        towers learn what the encoder misses). Vectors grow by 384 entries.
+        the zero-shot encoder inside the model, so ScaNN and the exported
+        signatures serve it. The contrastive task scores the cosine alone
+        (scoring the fused score too overfitted the small Home Depot log:
+        docs/experiments/pretrained.md); the engagement task scores it with
+        the channel, so the engagement probability is of the served score.
+        Vectors grow by 384 entries.
         0 = off. Needs `query_layers: 6` (the two sides must come from the
         same encoder).
       trainable_layers: the top N blocks are fine-tuned (for GPUs); 0 keeps

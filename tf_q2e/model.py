@@ -40,7 +40,7 @@ from tf_q2e.config import Config
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher
 from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
-from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training, trained_width
+from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training, engagement_width
 
 # Buckets of the engagement AUC metric over (1 + tanh(score / span)) / 2, in (0, 1).
 AUC_THRESHOLDS = 1001
@@ -212,12 +212,13 @@ class Que2EngageModel(tfrs.Model):
         """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
         queries, query_bias, products = self.encode(features, training=training)
         m = self.config.model
-        # The contrastive task scores with the cosine; the engagement task with the whole dot product
-        # (the term channel's part too) and the query bias when it learns a part of the channel.
-        width = trained_width(m)  # the cosine (+ β·the pretrained encoder's cosine, with its channel)
-        cosine = queries[:, :width], products[:, :width]
+        # The contrastive task scores with the cosine alone; the engagement task with the cosine and the
+        # pretrained channel (β·MiniLM's cosine), and with the whole dot product (the term channel's part
+        # too) and the query bias when it learns a part of the term channel.
+        cosine = queries[:, :m.embedding_dim], products[:, :m.embedding_dim]
         with_channel = channel_in_training(m)
-        bce_pair = (queries, products) if with_channel else cosine
+        width = engagement_width(m)
+        bce_pair = (queries, products) if with_channel else (queries[:, :width], products[:, :width])
         ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID])
         bce = self.engagement(*bce_pair, features[S.ENGAGED], query_bias=query_bias if m.query_bias else None)
         self.contrastive_loss.update_state(ctr.row_losses)

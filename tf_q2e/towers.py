@@ -513,9 +513,10 @@ def _pretrained(m: ModelConfig, layers: int | None, sentence_encoder, name: str)
                           name=name)
 
 
-def trained_width(model_cfg: ModelConfig) -> int:
-    """How many leading entries of the towers' vectors the contrastive task scores: the unit vector's D, and
-    the pretrained channel's P when there is one (the term channel comes after them)."""
+def engagement_width(model_cfg: ModelConfig) -> int:
+    """How many leading entries of the towers' vectors the engagement task scores when the term channel is
+    not in training: the unit vector's D, and the pretrained channel's P when there is one (the term
+    channel comes after them). The contrastive task scores the first D alone."""
     return model_cfg.embedding_dim + (PRETRAINED_WIDTH if model_cfg.pretrained_weight else 0)
 
 
