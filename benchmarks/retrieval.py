@@ -56,6 +56,7 @@ recall@100 >= 0.95 against retrieval_exact. The 1M-product measurements:
 
   .venv/bin/python benchmarks/retrieval.py --text-encoder minilm --query-layers 6 --json runs/retrieval_minilm_L6.json
   .venv/bin/python benchmarks/retrieval.py --text-encoder minilm --query-layers 2 --json runs/retrieval_minilm_L2.json
+  .venv/bin/python benchmarks/retrieval.py --text-encoder minilm --pretrained-weight 1 --json runs/retrieval_minilm_L6_b1.json
 
 (on an otherwise idle machine: the latencies move with its load).
 
@@ -104,7 +105,7 @@ import tf_q2e  # noqa: E402,F401  (Keras 2 before TensorFlow)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_q2e.config import load_config  # noqa: E402
+from tf_q2e.config import PRETRAINED_WIDTH, load_config  # noqa: E402
 from tf_q2e.data import schema as S  # noqa: E402
 from tf_q2e.savedmodels import export_run  # noqa: E402
 from tf_q2e.index import (  # noqa: E402
@@ -437,9 +438,12 @@ def main(argv=None) -> int:
                         help="with --text-encoder minilm: the encoder blocks the query tower runs (model.query_layers, 1-6)")
     parser.add_argument("--max-tokens", type=int, default=64,
                         help="with --text-encoder minilm: WordPiece tokens per text (model.max_tokens)")
+    parser.add_argument("--pretrained-weight", type=float, default=0.0,
+                        help="with --text-encoder minilm and --query-layers 6: the pretrained channel's β "
+                             "(model.pretrained_weight; the vectors grow by 384 entries)")
     args = parser.parse_args(argv)
-    if args.text_encoder == "none" and (args.query_layers != 6 or args.max_tokens != 64):
-        parser.error("--query-layers and --max-tokens need --text-encoder minilm")
+    if args.text_encoder == "none" and (args.query_layers != 6 or args.max_tokens != 64 or args.pretrained_weight):
+        parser.error("--query-layers, --max-tokens and --pretrained-weight need --text-encoder minilm")
     if args.products < 1000 or args.queries < 10 or args.latency_queries < 10:
         parser.error("--products >= 1000, --queries >= 10 and --latency-queries >= 10")
     if args.out and os.path.exists(args.out) and os.listdir(args.out):
@@ -466,7 +470,8 @@ def run(args, work: str) -> dict:
     fig: dict = {"setup": {"products": args.products, "dim": args.dim, "k": K, "queries": args.queries,
                            "latency_queries": args.latency_queries, "topics": args.topics, "seed": args.seed,
                            "text_encoder": args.text_encoder,
-                           **({"query_layers": args.query_layers, "max_tokens": args.max_tokens}
+                           **({"query_layers": args.query_layers, "max_tokens": args.max_tokens,
+                               "pretrained_weight": args.pretrained_weight}
                               if args.text_encoder != "none" else {}),
                            "cpu_cores": os.cpu_count(), "tensorflow": tf.__version__,
                            "load_average_1min_start": round(os.getloadavg()[0], 2)}}
@@ -477,7 +482,7 @@ def run(args, work: str) -> dict:
     overrides = [f"model.embedding_dim={args.dim}", f"index.k={K}", f"train.seed={args.seed}"]
     if args.text_encoder != "none":
         overrides += [f"model.text_encoder={args.text_encoder}", f"model.query_layers={args.query_layers}",
-                      f"model.max_tokens={args.max_tokens}"]
+                      f"model.max_tokens={args.max_tokens}", f"model.pretrained_weight={args.pretrained_weight}"]
     config = load_config(None, overrides)
     tf.keras.utils.set_random_seed(args.seed)
     model = build_model(config, 0, ())
@@ -485,11 +490,13 @@ def run(args, work: str) -> dict:
 
     # The catalogue and the queries.
     start = time.perf_counter()
-    catalogue = make_catalogue(model, args.products, args.dim, args.topics, args.seed)
+    # The vectors' length: D, plus the pretrained channel's 384 entries with --pretrained-weight.
+    width = args.dim + (PRETRAINED_WIDTH if args.pretrained_weight else 0)
+    catalogue = make_catalogue(model, args.products, width, args.topics, args.seed)
     texts, is_variant = make_queries(catalogue, args.queries, args.seed)
     query_vectors = encode_queries(model, texts)
     nearest_centre = (query_vectors @ encode_queries(model, catalogue.topics).T).max(axis=1)
-    log(f"catalogue of {args.products:,} x {args.dim} and {len(texts)} queries in {time.perf_counter() - start:.1f} s")
+    log(f"catalogue of {args.products:,} x {width} and {len(texts)} queries in {time.perf_counter() - start:.1f} s")
     fig["setup"]["catalogue"] = (
         f"{args.products:,} unit vectors in {args.topics} clusters around the query-tower vectors of topic strings "
         f"'<brand> <colour> <material> <noun>' (Zipf-like sizes {catalogue.sizes.max()}..{catalogue.sizes.min()}, "
@@ -526,7 +533,7 @@ def run(args, work: str) -> dict:
 
     # The index (the catalogue vectors written directly; no product tower pass) and the export.
     start = time.perf_counter()
-    meta = {"products": args.products, "dim": args.dim, "k": K, "catalog": "synthetic (benchmarks/retrieval.py)",
+    meta = {"products": args.products, "dim": width, "k": K, "catalog": "synthetic (benchmarks/retrieval.py)",
             "build_seconds": round(build_seconds, 2), "scann": dataclasses.asdict(chosen),
             "tune": {"target_recall": TARGET_RECALL, "queries": len(texts), "query_source": "benchmark queries",
                      "chosen": row, "tried": table}}
