@@ -4,6 +4,7 @@ encoder's vectors, the modality in the towers, training and export."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -160,7 +161,17 @@ def test_the_cache_encodes_each_distinct_text_once_and_gives_the_encoders_vector
     assert rows[1] == -1 and rows[0] >= 0 and rows[2] >= 0
     live = encoder(tf.constant(["lamp", "chair"]), layers=2).numpy()
     np.testing.assert_allclose(tf.gather(reopened.vectors, rows[[0, 2]]).numpy().astype(np.float32), live, atol=1e-3)
-    np.save(os.path.join(tmp_path, "minilm-L2-T32", "part-00001.vectors.npy"), np.zeros([3, 384], np.float16))
+    # Two runs filling the cache at once: each writes its own part; a text both encoded is kept once.
+    other = TextEmbeddingCache.open(str(tmp_path), "minilm-L2-T32")
+    late = TextEmbeddingCache.open(str(tmp_path), "minilm-L2-T32")
+    other.update(["desk", "shelf"], encode, log=lambda line: None)
+    late.update(["desk", "rug"], encode, log=lambda line: None)
+    merged = TextEmbeddingCache.open(str(tmp_path), "minilm-L2-T32")
+    assert len(merged) == 8 and len(set(merged.keys.tolist())) == 8
+    np.testing.assert_array_equal(merged.rows(tf.constant(["desk", "rug", "chair"])).numpy() >= 0, [True] * 3)
+    parts = sorted(glob.glob(os.path.join(tmp_path, "minilm-L2-T32", "part-*.vectors.npy")))
+    assert len(parts) == 4 and not glob.glob(os.path.join(tmp_path, "minilm-L2-T32", "*.tmp"))
+    np.save(parts[1], np.zeros([3, 384], np.float16))
     with pytest.raises(ValueError, match="do not match .* delete .* to rebuild the cache"):
         TextEmbeddingCache.open(str(tmp_path), "minilm-L2-T32")
 

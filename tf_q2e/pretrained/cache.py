@@ -10,13 +10,15 @@ first epoch, and training, evaluation and `q2e index` look the vectors up.
 The cache is a directory (default `RUN/text_cache/`; `train.text_cache` shares
 one between runs, `q2e compare --text-cache` reads and fills it too) with one
 folder per encoder variant (`variant_name`: `minilm-L6-T64` for 6 layers, 64
-max tokens) of parts, each two `.npy` files (read
-with `allow_pickle=False`): `part-N.keys.npy` (int64 hashes of the texts'
-UTF-8 bytes, `tf.strings.to_hash_bucket_fast(text, 2**63 - 1)`, FarmHash
-Fingerprint64) and `part-N.vectors.npy` (float16 `[n, 384]`; the encoder's
-unit vectors, rounded: < 1e-3 from the float32 ones). `update` encodes only the
+max tokens) of parts, each two `.npy` files (read with `allow_pickle=False`):
+`part-<time>-<random>.keys.npy` (int64 hashes of the texts' UTF-8 bytes,
+`tf.strings.to_hash_bucket_fast(text, 2**63 - 1)`, FarmHash Fingerprint64)
+and `part-<time>-<random>.vectors.npy` (float16 `[n, 384]`; the encoder's unit
+vectors, rounded: < 1e-3 from the float32 ones). `update` encodes only the
 texts no part holds yet and appends a part, so a second run over the same data
-encodes nothing.
+encodes nothing. Runs filling one cache at the same time write parts of their
+own (each file renamed into place whole); a text two of them encoded is read
+once.
 
 In the graph, `rows(texts)` maps texts to rows of `vectors` (-1 for a text the
 cache lacks: `PretrainedText` encodes those live); in NumPy, `lookup(texts)`
@@ -34,6 +36,8 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import time
+import uuid
 import time
 
 import numpy as np
@@ -79,7 +83,13 @@ class TextEmbeddingCache:
                                  f"(expected [n] and [n, {width}]); delete {directory} to rebuild the cache")
             keys.append(part_keys.astype(np.int64))
             vectors.append(part_vectors.astype(np.float16))
-        return cls(directory, np.concatenate(keys), np.concatenate(vectors))
+        keys, vectors = np.concatenate(keys), np.concatenate(vectors)
+        # Runs filling one cache at the same time may each encode a text: keep its first row (the same vector).
+        _, first = np.unique(keys, return_index=True)
+        if len(first) < len(keys):
+            first.sort()
+            keys, vectors = keys[first], vectors[first]
+        return cls(directory, keys, vectors)
 
     @classmethod
     def in_memory(cls, width: int = 384) -> "TextEmbeddingCache":
@@ -113,10 +123,13 @@ class TextEmbeddingCache:
         vectors, keys = np.concatenate(parts), text_keys(todo)
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
-            index = len(glob.glob(os.path.join(self.directory, "part-*.keys.npy")))
-            stem = os.path.join(self.directory, f"part-{index:05d}")
-            np.save(stem + ".vectors.npy", vectors, allow_pickle=False)
-            np.save(stem + ".keys.npy", keys, allow_pickle=False)  # last: a part counts once its keys exist
+            # A name no other process writing to the cache at the same time picks, each file renamed into
+            # place whole; the keys last: a part counts once its keys exist.
+            stem = os.path.join(self.directory, f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
+            for suffix, array in ((".vectors.npy", vectors), (".keys.npy", keys)):
+                with open(stem + suffix + ".tmp", "wb") as f:
+                    np.save(f, array, allow_pickle=False)
+                os.replace(stem + suffix + ".tmp", stem + suffix)
         self.keys, self.vectors_np = np.concatenate([self.keys, keys]), np.concatenate([self.vectors_np, vectors])
         self._graph = self._row_of = None
         return len(todo)
