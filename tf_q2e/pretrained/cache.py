@@ -38,7 +38,6 @@ import os
 import sys
 import time
 import uuid
-import time
 
 import numpy as np
 import tensorflow as tf
