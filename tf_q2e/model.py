@@ -149,28 +149,37 @@ class Que2EngageModel(tfrs.Model):
         return {name: tower.encoders[name] for tower in (self.query_tower, self.product_tower)
                 for name in tower._pretrained_modalities()}
 
-    def attach_text_cache(self, root: str | None) -> None:
-        """Frozen pretrained modalities look their vectors up in the caches under `root`
-        (`tf_q2e.pretrained.cache`) where one exists; None detaches them: every text is encoded."""
+    def open_text_caches(self, root: str) -> dict:
+        """`{variant: TextEmbeddingCache}` under `root` (`tf_q2e.pretrained.cache`) of the frozen pretrained
+        modalities, each variant's folder read once (the query and product modalities of a 6-block query
+        tower share one)."""
         from tf_q2e.pretrained.cache import TextEmbeddingCache
 
+        variants = {m.variant for m in self.pretrained_modalities.values() if m.frozen}
+        return {variant: TextEmbeddingCache.open(root, variant) for variant in sorted(variants)}
+
+    def attach_text_cache(self, root_or_caches: str | dict | None) -> None:
+        """Frozen pretrained modalities look their vectors up in the caches under a directory, or in
+        `open_text_caches`'s, where one holds vectors; None detaches them: every text is encoded."""
+        caches = self.open_text_caches(root_or_caches) if isinstance(root_or_caches, str) else root_or_caches or {}
         for modality in self.pretrained_modalities.values():
             if modality.frozen:
-                cache = None if root is None else TextEmbeddingCache.open(root, modality.variant)
+                cache = caches.get(modality.variant)
                 modality.attach_cache(cache if cache is not None and len(cache) else None)
 
     @contextlib.contextmanager
     def text_cache_detached(self):
         """A context in which every pretrained modality encodes its texts (`tf_q2e.export` traces the
         towers in it, so a SavedModel holds no cache)."""
-        caches = {name: m.cache for name, m in self.pretrained_modalities.items()}
-        for name in caches:
-            self.pretrained_modalities[name].attach_cache(None)
+        modalities = list(self.pretrained_modalities.values())
+        caches = [m.cache for m in modalities]
+        for modality in modalities:
+            modality.attach_cache(None)
         try:
             yield self
         finally:
-            for name, cache in caches.items():
-                self.pretrained_modalities[name].attach_cache(cache)
+            for modality, cache in zip(modalities, caches):
+                modality.attach_cache(cache)
 
     def weights_checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint of the model's weights alone (no optimizer slots): a third of the size."""

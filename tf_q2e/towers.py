@@ -48,15 +48,16 @@ import math
 
 import tensorflow as tf
 
-from tf_q2e.config import PRETRAINED_WIDTH, FeaturesConfig, ModelConfig, config_section
+from tf_q2e.config import PRETRAINED_LAYERS, PRETRAINED_WIDTH, FeaturesConfig, ModelConfig, config_section
 from tf_q2e.data import schema as S
 from tf_q2e.features import TextHasher, hash_strings, normalized_values
 from tf_q2e.terms import TermChannel
 
-# Blocks of the pretrained encoder (all-MiniLM-L6-v2): the product tower runs them all.
-ARCHITECTURE_LAYERS = 6
 # Key suffix of a text feature hashed in the input pipeline (`_Tower.featurize`).
 IDS_SUFFIX = "#ids"
+# Key suffix (after the modality's name) of a pretrained modality's text cache rows looked up in the input
+# pipeline (`_Tower.featurize`).
+ROWS_SUFFIX = "#cache_rows"
 # Key prefix of a tower's term channel word hashes computed in the input pipeline (`_Tower.featurize`).
 TERMS_PREFIX = "#terms:"
 
@@ -353,8 +354,6 @@ class _Tower(tf.keras.layers.Layer):
             encoder, key = self.encoders[name], self.inputs[name]
             keys = [key] if isinstance(key, str) else key
             if encoder.cache is not None and all(k in out for k in keys):
-                from tf_q2e.pretrained.modality import ROWS_SUFFIX
-
                 out[name + ROWS_SUFFIX] = encoder.featurize(self._texts(name, out))
                 keep.update(keys)
         for name in self._text_modalities():
@@ -374,8 +373,6 @@ class _Tower(tf.keras.layers.Layer):
         for name in self.modality_names:
             key, encoder = self.inputs[name], self.encoders[name]
             if _is_pretrained(encoder):
-                from tf_q2e.pretrained.modality import ROWS_SUFFIX
-
                 x, unit = encoder(self._texts(name, features), rows=features.get(name + ROWS_SUFFIX), training=training,
                                   return_unit=True)
             else:
@@ -508,7 +505,7 @@ def _pretrained(m: ModelConfig, layers: int | None, sentence_encoder, name: str)
     from tf_q2e.pretrained.modality import PretrainedText  # tensorflow-text: only when a tower has one
 
     encoder, projection = sentence_encoder if isinstance(sentence_encoder, tuple) else (sentence_encoder, None)
-    return PretrainedText(m.embedding_dim, layers or ARCHITECTURE_LAYERS, encoder=encoder, minilm_path=m.minilm_path,
+    return PretrainedText(m.embedding_dim, layers or PRETRAINED_LAYERS, encoder=encoder, minilm_path=m.minilm_path,
                           max_tokens=m.max_tokens, trainable_layers=m.trainable_layers, projection=projection,
                           name=name)
 

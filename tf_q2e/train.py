@@ -273,7 +273,6 @@ def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[st
     `root` lacks (`tf_q2e.pretrained.cache`), and attaches the caches: the queries of `impression_files`
     (every split, pseudo-queries included) and the catalogue `products` (an Arrow table)."""
     from tf_q2e.data.validate import Validator
-    from tf_q2e.pretrained.cache import TextEmbeddingCache
     from tf_q2e.pretrained.modality import product_texts
 
     frozen = {name: m for name, m in model.pretrained_modalities.items() if m.frozen}
@@ -286,12 +285,13 @@ def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[st
         texts["query_pretrained"] = (queries, "distinct queries")
     if "product_pretrained" in frozen:
         texts["product_pretrained"] = (product_texts(products), "product texts")
+    caches = model.open_text_caches(root)
     for name, (values, what) in texts.items():
-        modality, cache = frozen[name], TextEmbeddingCache.open(root, frozen[name].variant)
+        modality = frozen[name]
         encode = tf.function(lambda batch, m=modality: m.encode(batch),
                              input_signature=[tf.TensorSpec([None], tf.string)])
-        cache.fill(values, encode, what, _log)
-    model.attach_text_cache(root)
+        caches[modality.variant].fill(values, encode, what, _log)
+    model.attach_text_cache(caches)  # the caches just filled: their folders are not read again
 
 
 class HistoryFile(tf.keras.callbacks.Callback):

@@ -28,8 +28,6 @@ from tf_q2e.pretrained.cache import TextEmbeddingCache, variant_name
 from tf_q2e.pretrained.files import MiniLMFiles
 
 serializable = tf.keras.utils.register_keras_serializable(package="tf_q2e")
-# Feature key suffix of the cache rows `featurize` computes.
-ROWS_SUFFIX = "#cache_rows"
 
 
 class _Untracked:
