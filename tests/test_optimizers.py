@@ -71,6 +71,26 @@ def test_dense_gradient_equals_keras_adam_bit_for_bit(jit_compile):
     assert not np.allclose(sparse_var.numpy(), table())  # the variable did move
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_scaled_learning_rate_moves_those_variables_by_that_fraction_of_adams_step(sparse):
+    plain, scaled, other = tf.Variable(table()), tf.Variable(table()), tf.Variable(table())
+    optimizer = SparseAdam(LR)
+    optimizer.scale_learning_rate([scaled], 0.25)
+    assert (optimizer.learning_rate_scale(scaled), optimizer.learning_rate_scale(plain)) == (0.25, 1.0)
+    for step in range(3):
+        grad = table(seed=10 + step)
+        grad = tf.IndexedSlices(tf.constant(grad[:4]), tf.constant([0, 1, 2, 3])) if sparse else tf.constant(grad)
+        optimizer.apply_gradients([(grad, plain), (grad, scaled), (grad, other)])
+        # Adam's step is alpha m / (sqrt(v) + eps) whatever the gradient's scale; the multiplier scales alpha.
+        np.testing.assert_allclose(scaled.numpy() - table(), 0.25 * (plain.numpy() - table()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(other.numpy(), plain.numpy())
+    for ours, theirs in zip(slots(optimizer, scaled), slots(optimizer, plain)):
+        np.testing.assert_array_equal(ours, theirs)  # the moments do not depend on the rate
+    assert not np.allclose(plain.numpy(), table())
+    with pytest.raises(ValueError, match=r"multiplier \(0.0\) must be a number above 0"):
+        optimizer.scale_learning_rate([plain], 0)
+
+
 def test_sparse_gradient_on_every_row_equals_dense_adam():
     dense_var, sparse_var = tf.Variable(table()), tf.Variable(table())
     dense_adam, sparse_adam = tf.keras.optimizers.Adam(LR), SparseAdam(LR)
@@ -312,7 +332,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     target = rng.randn(32, 1).astype(np.float32)
     init = [rng.randn(20, 3).astype(np.float32), rng.randn(3, 1).astype(np.float32), np.zeros(1, np.float32)]
 
-    def train(strategy, jit_compile=False):
+    def train(strategy, jit_compile=False, dense_scale=1.0):
         with strategy.scope():
             model = tf.keras.Sequential([
                 tf.keras.layers.Embedding(20, 3), tf.keras.layers.GlobalAveragePooling1D(), tf.keras.layers.Dense(1)])
@@ -320,6 +340,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
             model.set_weights(init)
             optimizer = SparseAdam(0.05)
             optimizer.jit_compile = jit_compile  # tf-keras turns it off on CPU; force it
+            optimizer.scale_learning_rate(model.layers[2].trainable_variables, dense_scale)
             model.compile(optimizer, "mse")
         data = tf.data.Dataset.from_tensor_slices((ids, target)).batch(8)  # global batch 8
         model.fit(data, epochs=2, verbose=0)
@@ -330,7 +351,12 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     one, n1 = train(tf.distribute.get_strategy())
     two, n2 = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     two_xla, _ = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), jit_compile=True)
+    # A learning-rate multiplier registered on the mirrored variables reaches their per-replica updates.
+    one_scaled, _ = train(tf.distribute.get_strategy(), dense_scale=0.25)
+    two_scaled, _ = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), dense_scale=0.25)
     print(json.dumps({
+        "max_abs_diff_scaled": max(float(np.abs(a - b).max()) for a, b in zip(one_scaled, two_scaled)),
+        "scale_changed_dense": float(np.abs(one_scaled[1] - one[1]).max()),
         "replicas": [n1, n2],
         "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
         "max_abs_diff_xla": max(float(np.abs(a - b).max()) for a, b in zip(one, two_xla)),
@@ -352,3 +378,5 @@ def test_mirrored_two_replicas_equal_one_device():
     assert report["moved"] > 1e-3
     assert report["max_abs_diff"] < 1e-5, report
     assert report["max_abs_diff_xla"] < 1e-5, report  # 2 replicas, dense updates under XLA
+    assert report["scale_changed_dense"] > 1e-3, report
+    assert report["max_abs_diff_scaled"] < 1e-5, report

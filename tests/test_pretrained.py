@@ -194,6 +194,7 @@ def test_a_cached_modality_gives_the_live_vectors_and_encodes_what_the_cache_lac
     ("model.query_layers=0", r"model.query_layers \(0\) must be in \[1, 6\]"),
     ("model.query_layers=7", r"model.query_layers \(7\) must be in \[1, 6\]"),
     ("model.trainable_layers=7", r"model.trainable_layers \(7\) must be in \[0, 6\]"),
+    ("model.encoder_lr_multiplier=0", r"model.encoder_lr_multiplier \(0.0\) must be a positive number \(0.3 by default"),
     ("model.max_tokens=1", r"model.max_tokens \(1\) must be in \[2, 512\]"),
     ("model.text_encoder=bert", r"model.text_encoder \('bert'\) must be one of none, minilm"),
 ])
@@ -261,6 +262,31 @@ def test_a_frozen_encoder_trains_from_its_cache_and_exports_raw_string_towers(ma
     nodes += [n for f in graph.meta_graphs[0].graph_def.library.function for n in f.node_def]
     assert not [n.name for n in nodes if n.op == "Const" and n.attr["dtype"].type == types_pb2.DT_HALF]
     assert [n for n in nodes if n.op.startswith("WordpieceTokenize")]  # the tokenizer is in the graph
+
+
+def test_fine_tuned_blocks_learn_at_the_encoder_learning_rate_multiplier():
+    config = load_config(None, SMALL + ["model.text_encoder=minilm", "model.max_tokens=16", "model.trainable_layers=1",
+                                        "model.encoder_lr_multiplier=0.5"])
+    model = tf_q2e.build_model(config, FeatureSchema(0, ()))
+    batch = {"query": tf.constant(["grey jute rug", "sofa"]), "product_title": tf.constant(["Grey Jute Rug", "Lamp"]),
+             "product_description": tf.constant(["", "brass"]), "product_category": tf.constant(["rug", "lamp"]),
+             "product_id": tf.constant(["a", "b"]), "engaged": tf.constant([1, 0])}
+    encoder = model.encoder_variables
+    top = model.pretrained_modalities["product_pretrained"].encoder.bert.blocks[-1]
+    assert {id(v) for v in encoder} == {id(v) for v in top.trainable_variables}
+    before = [v.numpy() for v in encoder]
+    model.compile(optimizer=tf_q2e.SparseAdam(1e-3))
+    model.train_step(batch)
+    optimizer = model.optimizer
+    assert {optimizer.learning_rate_scale(v) for v in encoder} == {0.5}
+    projection = model.pretrained_modalities["query_pretrained"].projection.kernel
+    assert optimizer.learning_rate_scale(projection) == 1.0
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, encoder))  # fine-tuned
+    # An optimizer without per-variable rates is a clear error, not a silently faster encoder.
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    with pytest.raises(TypeError, match=r"model.encoder_lr_multiplier \(0.5\) needs an optimizer with "
+                                        r"scale_learning_rate, such as tf_q2e.SparseAdam, not Adam"):
+        model.train_step(batch)
 
 
 def test_a_model_with_the_pretrained_encoder_saves_and_loads(tmp_path):

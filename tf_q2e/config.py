@@ -219,6 +219,10 @@ class ModelConfig:
       trainable_layers: the top N blocks are fine-tuned (for GPUs); 0 keeps
         the encoder frozen, and then `q2e train` encodes each distinct text
         once, before the first epoch, into a cache (`train.text_cache`).
+      encoder_lr_multiplier: the fine-tuned blocks learn at this times
+        `train.learning_rate` (Que2Search: 2e-4 for its transformers beside
+        7e-4, about 0.3); needs an optimizer with `scale_learning_rate`, such
+        as `tf_q2e.SparseAdam`, when it is not 1.
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
@@ -249,6 +253,7 @@ class ModelConfig:
     query_layers: int = 6
     pretrained_weight: float = 0.0
     trainable_layers: int = 0
+    encoder_lr_multiplier: float = 0.3
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
 
@@ -447,10 +452,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"model.term_weights ({m.term_weights}) needs a term channel: set model.term_dim (512 on Home Depot)")
     if m.query_bias and not m.term_dim:
         raise ConfigError("model.query_bias needs a term channel: set model.term_dim (512 on Home Depot)")
-    for name in ("engagement_bias_lr_multiplier", "word_weight_lr_multiplier"):
+    for name in ("engagement_bias_lr_multiplier", "word_weight_lr_multiplier", "encoder_lr_multiplier"):
         value = getattr(m, name)
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"model.{name} ({value}) must be a positive number (10 by default; 1 = the towers' rate)")
+            default = ModelConfig.__dataclass_fields__[name].default
+            raise ConfigError(f"model.{name} ({value}) must be a positive number ({default} by default; 1 = the "
+                              "towers' rate)")
     if not (math.isfinite(m.term_weight) and m.term_weight > 0):
         raise ConfigError(f"model.term_weight ({m.term_weight}) must be a positive number (0.35 on Home Depot)")
     if not 2 <= m.max_tokens <= PRETRAINED_MAX_TOKENS:

@@ -268,9 +268,30 @@ class Que2EngageModel(tfrs.Model):
             del tape
         if scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
+        self._scale_encoder_learning_rate(optimizer)
         # No gradient: the word weights or query bias with λ = 0, or a task that does not reach a variable.
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, self.trainable_variables) if g is not None])
         return {metric.name: metric.result() for metric in self.metrics}
+
+    @property
+    def encoder_variables(self) -> list[tf.Variable]:
+        """The pretrained encoder's fine-tuned variables (`model.trainable_layers`), or []."""
+        variables = [v for m in self.pretrained_modalities.values() for v in m.encoder.trainable_variables]
+        return list({id(v): v for v in variables}.values())
+
+    def _scale_encoder_learning_rate(self, optimizer) -> None:
+        """Gives the fine-tuned encoder blocks `model.encoder_lr_multiplier` x the learning rate (at trace
+        time, so a user's own `compile` and `fit` get it too)."""
+        multiplier = self.config.model.encoder_lr_multiplier
+        variables = self.encoder_variables
+        if not variables or multiplier == 1.0:
+            return
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
+        if not hasattr(inner, "scale_learning_rate"):
+            raise TypeError(f"model.encoder_lr_multiplier ({multiplier}) needs an optimizer with scale_learning_rate, "
+                            f"such as tf_q2e.SparseAdam, not {type(inner).__name__}; or set "
+                            "model.encoder_lr_multiplier=1 (the encoder then learns at the towers' rate)")
+        inner.scale_learning_rate(variables, multiplier)
 
     def test_step(self, features: dict) -> dict:
         self.compute_loss(features, training=False)

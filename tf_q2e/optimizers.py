@@ -25,6 +25,8 @@ sparse updates; repeated rows summed twice, which is still correct).
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 __all__ = ["SparseAdam", "sum_duplicate_rows"]
@@ -78,6 +80,14 @@ class _SparseUpdatesOutsideXla:
         return self._update_step(gradient, variable)
 
 
+class _Scales:
+    """A plain holder of `{variable key: learning-rate multiplier}` (an attribute of a tracked type would
+    make a tf-keras optimizer wrap the dict and try to checkpoint it)."""
+
+    def __init__(self):
+        self.by_key: dict = {}
+
+
 @tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
     r"""Adam with lazy, row-sparse updates for `tf.IndexedSlices` gradients.
@@ -129,6 +139,12 @@ class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
           the tables with `exclude_from_weight_decay`.
         * Slots (`m`, `v`, `vhat`) are the same variables as `Adam`'s, so
           checkpoints of `Adam` and `SparseAdam` are interchangeable.
+        * `scale_learning_rate(variables, r)` gives some variables r × the
+          learning rate (a fine-tuned pretrained encoder's smaller rate:
+          Que2Search trained its transformers at 2e-4 beside 7e-4). Under
+          Adam, scaling their gradient would not do it: the step is invariant
+          to the gradient's scale. Not part of `get_config`: set it again
+          after loading an optimizer.
 
     Args:
         Same as `tf.keras.optimizers.Adam`; `name` defaults to "SparseAdam".
@@ -143,6 +159,23 @@ class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
         super().__init__(
             learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, name=name, **kwargs
         )
+        self._learning_rate_scales = _Scales()
+
+    def scale_learning_rate(self, variables, multiplier: float) -> None:
+        """Updates each of `variables` with `multiplier` x the learning rate from now on (1 restores it).
+
+        Raises:
+            ValueError: `multiplier` is not a finite number above 0.
+        """
+        multiplier = float(multiplier)
+        if not (math.isfinite(multiplier) and multiplier > 0):
+            raise ValueError(f"SparseAdam.scale_learning_rate: the multiplier ({multiplier}) must be a number above 0")
+        for variable in variables:
+            self._learning_rate_scales.by_key[self._var_key(variable)] = multiplier
+
+    def learning_rate_scale(self, variable) -> float:
+        """The multiplier of the learning rate for `variable` (1 unless `scale_learning_rate` set one)."""
+        return self._learning_rate_scales.by_key.get(self._var_key(variable), 1.0)
 
     def _deduplicate_sparse_grad(self, grads):
         # `update_step` sums repeated rows itself; doing it here as well would
@@ -151,13 +184,32 @@ class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
 
     def update_step(self, gradient, variable):
         """Updates `variable` from `gradient`: lazily for `IndexedSlices`, as `Adam` otherwise."""
-        if not isinstance(gradient, tf.IndexedSlices):
+        scale = self.learning_rate_scale(variable)
+        if isinstance(gradient, tf.IndexedSlices):
+            return self._sparse_update_step(sum_duplicate_rows(gradient), variable, scale)
+        if scale == 1.0:
             return super().update_step(gradient, variable)
-        return self._sparse_update_step(sum_duplicate_rows(gradient), variable)
+        return self._scaled_dense_update_step(gradient, variable, scale)
 
-    def _sparse_update_step(self, gradient: tf.IndexedSlices, variable):
+    def _scaled_dense_update_step(self, gradient, variable, scale: float):
+        """`Adam.update_step`'s dense branch with `scale` x the learning rate."""
         dtype = variable.dtype
+        alpha, epsilon_hat = self._alpha_epsilon(dtype, scale)
+        slot = self._index_dict[self._var_key(variable)]
+        m, v = self._momentums[slot], self._velocities[slot]
+        m.assign_add((gradient - m) * (1 - self.beta_1))
+        v.assign_add((tf.square(gradient) - v) * (1 - self.beta_2))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[slot]
+            v_hat.assign(tf.maximum(v_hat, v))
+            v = v_hat
+        return variable.assign_sub((m * alpha) / (tf.sqrt(v) + epsilon_hat))
+
+    def _alpha_epsilon(self, dtype, scale: float = 1.0):
+        """Adam's step size alpha_t (times `scale`) and epsilon_t at the current step."""
         lr = tf.cast(self.learning_rate, dtype)
+        if scale != 1.0:
+            lr = lr * scale
         local_step = tf.cast(self.iterations + 1, dtype)
         # The same expressions as `Adam.update_step` (e.g. `1 - self.beta_1` in
         # Python, not in float32), so a gradient touching every row gives
@@ -166,7 +218,11 @@ class SparseAdam(_SparseUpdatesOutsideXla, tf.keras.optimizers.Adam):
         beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), local_step)
         alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
         epsilon_hat = self.epsilon * tf.sqrt(1 - beta_2_power) if self.adaptive_epsilon else self.epsilon
+        return alpha, epsilon_hat
 
+    def _sparse_update_step(self, gradient: tf.IndexedSlices, variable, scale: float = 1.0):
+        dtype = variable.dtype
+        alpha, epsilon_hat = self._alpha_epsilon(dtype, scale)
         slot = self._index_dict[self._var_key(variable)]
         m = self._momentums[slot]
         v = self._velocities[slot]
