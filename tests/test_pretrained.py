@@ -20,7 +20,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 import tf_q2e
 from tf_q2e.config import load_config
 from tf_q2e.data.datasets import FeatureSchema
-from tf_q2e.errors import ConfigError
+from tf_q2e.errors import ConfigError, InputError
 from tf_q2e.pretrained.bert import BertEncoder, SentenceEncoder, mean_pool
 from tf_q2e.pretrained.cache import TextEmbeddingCache
 from tf_q2e.pretrained.files import SHA256, MiniLMFiles, PretrainedFilesError, installed_zip
@@ -262,6 +262,42 @@ def test_a_frozen_encoder_trains_from_its_cache_and_exports_raw_string_towers(ma
     nodes += [n for f in graph.meta_graphs[0].graph_def.library.function for n in f.node_def]
     assert not [n.name for n in nodes if n.op == "Const" and n.attr["dtype"].type == types_pb2.DT_HALF]
     assert [n for n in nodes if n.op.startswith("WordpieceTokenize")]  # the tokenizer is in the graph
+
+
+def test_a_users_script_fills_the_cache_from_a_dataset_and_a_catalogue_dataframe(tmp_path):
+    import pandas as pd
+
+    model = tf_q2e.build_model(load_config(None, SMALL + ["model.text_encoder=minilm", "model.query_layers=2",
+                                                           "model.max_tokens=16"]), FeatureSchema(0, ()))
+    catalog = pd.DataFrame({"product_id": ["a", "b", "c"], "product_title": ["Grey Jute Rug", "Brass Lamp", "Sofa"],
+                            "product_description": ["", "warm light", "three seats"]})
+    impressions = pd.DataFrame({"query": ["grey rug", "lamp", "grey rug"], "product_id": ["a", "b", "a"],
+                                "product_title": ["Grey Jute Rug", "Brass Lamp", "Grey Jute Rug"],
+                                "product_description": ["", "warm light", ""], "engaged": [1, 0, 1]})
+    rows = tf_q2e.data.from_pandas(impressions, batch_size=2)
+    lines = []
+    root = str(tmp_path / "cache")
+    assert model.fill_text_cache(root, rows, catalog, log=lines.append) == {"query_pretrained": 2,
+                                                                           "product_pretrained": 3}
+    assert any("3 vectors, 3 encoded now" in line for line in lines)
+    query = model.pretrained_modalities["query_pretrained"]
+    assert query.cache is not None and len(query.cache) == 2
+    np.testing.assert_allclose(query.cache.lookup(["lamp"]), query.encode(tf.constant(["lamp"])).numpy(), atol=2e-3)
+    # Another model over the same folder (a second run) encodes nothing: a list of queries this time.
+    again = tf_q2e.build_model(model.config, FeatureSchema(0, ()))
+    assert again.fill_text_cache(root, ["lamp", b"grey rug"], catalog, log=lines.append) == {
+        "query_pretrained": 0, "product_pretrained": 0}
+    with pytest.raises(TypeError, match="not one string 'lamp'"):
+        model.fill_text_cache(root, "lamp")
+    with pytest.raises(TypeError, match=r"queries\[1\] is int 7, not a string"):
+        model.fill_text_cache(root, ["lamp", 7])
+    with pytest.raises(InputError, match="needs a 'query' feature; its elements have product_id"):
+        model.fill_text_cache(root, tf.data.Dataset.from_tensor_slices({"product_id": ["a"]}))
+    with pytest.raises(InputError, match="product_title"):
+        model.fill_text_cache(root, catalog=catalog.drop(columns=["product_title"]))
+    plain = tf_q2e.build_model(load_config(None, SMALL), FeatureSchema(0, ()))
+    with pytest.raises(ValueError, match="no pretrained text encoder"):
+        plain.fill_text_cache(root, ["lamp"])
 
 
 def test_fine_tuned_blocks_learn_at_the_encoder_learning_rate_multiplier():

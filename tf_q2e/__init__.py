@@ -5,7 +5,9 @@ The public API (each name imported on first use, so `import tf_q2e` stays fast):
     config       Config, load_config(path=None, overrides=())
     data         tf_q2e.data.from_pandas(df), from_files(paths), from_dir(dir, split)
                  -> validated tf.data.Dataset of impression rows; FeatureSchema
-    model        build_model(config, dataset_or_schema) -> Que2EngageModel (variables created);
+    model        build_model(config, dataset_or_schema) -> Que2EngageModel (variables created;
+                 with model.text_encoder minilm, model.fill_text_cache(dir, queries, catalog)
+                 encodes each text once before fit);
                  QueryTower, ProductTower, ScaledSoftmaxRetrieval, EngagementBCE;
                  SparseAdam (lazy Adam for the hashed tables), EarlyStopping (falls back to
                  val_recall_at_1 when the engagement metrics are NaN: a click-only log)

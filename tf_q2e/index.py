@@ -47,7 +47,7 @@ from tf_q2e.config import IndexConfig
 from tf_q2e.data import schema as S
 from tf_q2e.data.formats import file_format, parquet_row_groups
 from tf_q2e.data.pipeline import table_to_numpy
-from tf_q2e.data.validate import Validator, dataset_files
+from tf_q2e.data.validate import Validator, catalog_tables, dataset_files
 from tf_q2e.errors import InputError
 from tf_q2e.progress import Progress
 
@@ -229,19 +229,8 @@ def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_ro
     """Validated batches of a catalogue (a file path or a pandas DataFrame) as NumPy arrays of
     `catalog_columns(image_dim)`, at most `batch_rows` rows each, checked like `q2e validate` checks a
     catalogue file."""
-    validator = Validator(on_bad_rows, image_dim=image_dim or 0)
     columns = catalog_columns(image_dim)
-    if isinstance(catalog, (str, os.PathLike)):
-        path = os.fspath(catalog)
-        if not os.path.exists(path):
-            raise InputError(f"catalogue file {path} does not exist")
-        tables = validator.iter_file(path, "catalog", batch_rows=batch_rows)
-    else:
-        from tf_q2e.data.frames import CATALOG_DATAFRAME, check_dataframe, dataframe_batch
-
-        tables = validator.iter_batches([dataframe_batch(check_dataframe(catalog, "catalog"), "catalog")],
-                                        CATALOG_DATAFRAME, "catalog", quarantine=False)
-    for table in tables:
+    for table in catalog_tables(catalog, Validator(on_bad_rows, image_dim=image_dim or 0), batch_rows):
         for start in range(0, table.num_rows, batch_rows):
             yield table_to_numpy(table.slice(start, batch_rows), columns, image_dim)
 

@@ -269,29 +269,16 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
 
 
 def fill_text_cache(model: Que2EngageModel, root: str, impression_files: list[str], products) -> None:
-    """Encodes, with each frozen pretrained modality, every distinct text it will see that its cache under
-    `root` lacks (`tf_q2e.pretrained.cache`), and attaches the caches: the queries of `impression_files`
-    (every split, pseudo-queries included) and the catalogue `products` (an Arrow table)."""
+    """`model.fill_text_cache` with the queries of `impression_files` (every split, pseudo-queries
+    included) and the catalogue `products` (an Arrow table)."""
     from tf_q2e.data.validate import Validator
-    from tf_q2e.pretrained.modality import product_texts
 
-    frozen = {name: m for name, m in model.pretrained_modalities.items() if m.frozen}
-    texts = {}
-    if "query_pretrained" in frozen:
-        queries = []
-        for path in impression_files:
-            for table in Validator(on_bad_rows="skip").iter_file(path, "impressions"):
-                queries += table.column(S.QUERY).to_pylist()
-        texts["query_pretrained"] = (queries, "distinct queries")
-    if "product_pretrained" in frozen:
-        texts["product_pretrained"] = (product_texts(products), "product texts")
-    caches = model.open_text_caches(root)
-    for name, (values, what) in texts.items():
-        modality = frozen[name]
-        encode = tf.function(lambda batch, m=modality: m.encode(batch),
-                             input_signature=[tf.TensorSpec([None], tf.string)])
-        caches[modality.variant].fill(values, encode, what, _log)
-    model.attach_text_cache(caches)  # the caches just filled: their folders are not read again
+    queries, query_modality = None, model.pretrained_modalities.get("query_pretrained")
+    if query_modality is not None and query_modality.frozen:
+        queries = [q for path in impression_files
+                   for table in Validator(on_bad_rows="skip").iter_file(path, "impressions")
+                   for q in table.column(S.QUERY).to_pylist()]
+    model.fill_text_cache(root, queries, products, log=_log)
 
 
 class HistoryFile(tf.keras.callbacks.Callback):

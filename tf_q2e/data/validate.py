@@ -35,7 +35,7 @@ from tf_q2e.data import schema as S
 from tf_q2e.data.formats import SUPPORTED_SUFFIXES, UNREADABLE, UNREADABLE_ROW, RawBatch, read_batches
 from tf_q2e.data.columns import to_embedding, to_label, to_relevance, to_string, true_rows
 from tf_q2e.data.products import ProductReference
-from tf_q2e.errors import DataError
+from tf_q2e.errors import DataError, InputError
 
 ON_BAD_ROWS = ("error", "skip")
 MAX_LISTED_PROBLEMS = 5
@@ -317,6 +317,21 @@ class Validator:
             else:  # relevance, or an image column this file lacks
                 arrays.append(pa.nulls(n, type=f.type))
         return pa.Table.from_arrays(arrays, schema=schema)
+
+def catalog_tables(catalog, validator: Validator, batch_rows: int = 4096) -> Iterator[pa.Table]:
+    """Canonical tables of the good rows of a catalogue, a file path or a pandas DataFrame, checked as
+    `q2e validate` checks a catalogue file (a file is read `batch_rows` rows at a time)."""
+    if isinstance(catalog, (str, os.PathLike)):
+        path = os.fspath(catalog)
+        if not os.path.exists(path):
+            raise InputError(f"catalogue file {path} does not exist")
+        yield from validator.iter_file(path, "catalog", batch_rows=batch_rows)
+        return
+    from tf_q2e.data.frames import CATALOG_DATAFRAME, check_dataframe, dataframe_batch
+
+    yield from validator.iter_batches([dataframe_batch(check_dataframe(catalog, "catalog"), "catalog")],
+                                      CATALOG_DATAFRAME, "catalog", quarantine=False)
+
 
 def bad_rows_error(problems: list[Problem], total: int) -> DataError:
     listed = "; ".join(str(p) for p in problems[:MAX_LISTED_PROBLEMS])

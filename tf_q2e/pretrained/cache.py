@@ -133,9 +133,10 @@ class TextEmbeddingCache:
         self._graph = self._row_of = None
         return len(todo)
 
-    def fill(self, texts, encode, what: str, log) -> int:
+    def fill(self, texts, encode, what: str, log=None) -> int:
         """`update`, then one line through `log`: the cache's size and how many texts were encoded now."""
         start = time.perf_counter()
+        log = log or (lambda line: print(line, file=sys.stderr))
         added = self.update(texts, encode, what=what, log=log)
         log(f"text cache {self.directory or '(in memory)'}: {len(self)} vectors, {added} encoded now"
             + (f" in {time.perf_counter() - start:.0f} s" if added else ""))

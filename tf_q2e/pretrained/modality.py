@@ -23,6 +23,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_q2e.data import schema as S
+from tf_q2e.errors import InputError
 from tf_q2e.pretrained.bert import SentenceEncoder
 from tf_q2e.pretrained.cache import TextEmbeddingCache, variant_name
 from tf_q2e.pretrained.files import MiniLMFiles
@@ -52,8 +53,35 @@ def joined(texts) -> tf.Tensor:
 def product_texts(catalog) -> list[bytes]:
     """The text the product tower's `PretrainedText` encodes of each product of a catalogue (an Arrow table):
     its title and description `joined`."""
+    missing = [c for c in (S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION) if c not in catalog.column_names]
+    if missing:
+        raise InputError(f"the catalogue table lacks the column(s) {', '.join(missing)}; it has "
+                         f"{', '.join(catalog.column_names)}")
     return joined([tf.constant(catalog.column(c).to_pylist(), tf.string)
                    for c in (S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION)]).numpy().tolist()
+
+
+def query_texts(queries, batch_rows: int = 4096) -> list:
+    """The query strings of `queries`: a list (or a pandas Series, any iterable) of str or bytes, or a
+    tf.data.Dataset of impression rows, batched or not (its `query` feature)."""
+    if isinstance(queries, (str, bytes)):
+        raise TypeError(f"queries must be a list of query strings (or a Series, or a tf.data.Dataset of impression "
+                        f"rows), not one string {queries!r}")
+    if isinstance(queries, tf.data.Dataset):
+        spec = queries.element_spec
+        if not isinstance(spec, dict) or S.QUERY not in spec:
+            has = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
+            raise InputError(f"queries: a tf.data.Dataset of impression rows needs a {S.QUERY!r} feature; its "
+                             f"elements have {has}")
+        column = queries.map(lambda row: row[S.QUERY])
+        if spec[S.QUERY].shape.rank == 0:
+            column = column.batch(batch_rows)
+        return [q for batch in column.as_numpy_iterator() for q in batch.reshape(-1).tolist()]
+    texts = list(queries)
+    bad = next((i for i, q in enumerate(texts) if not isinstance(q, (str, bytes))), None)
+    if bad is not None:
+        raise TypeError(f"queries[{bad}] is {type(texts[bad]).__name__} {texts[bad]!r}, not a string")
+    return texts
 
 
 @serializable
