@@ -39,6 +39,7 @@ Q2E := $(VENV)/bin/q2e
 GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 QUERIES ?= "grey jute rug" "white laptop" "sofa 3-seater"
+FILTERED_QUERY ?= "grey jute rug"
 run: install
 	$(Q2E) synth --products $(SYNTH_PRODUCTS) --impressions $(SYNTH_IMPRESSIONS) --seed 0 --out $(RUN_DIR)/data
 	$(Q2E) validate --config configs/default.yaml --data $(RUN_DIR)/data
@@ -49,7 +50,10 @@ run: install
 	$(Q2E) serve --model-base $(RUN_DIR)/serving --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) > $(RUN_DIR)/serve.log 2>&1 & \
 	  server=$$!; trap 'kill $$server; wait $$server' EXIT; \
 	  $(Q2E) query --server 127.0.0.1:$(GRPC_PORT) --wait 120 --model q2e_scann --signature retrieval --k 5 \
-	    --context query_country=US $(QUERIES)
+	    --context query_country=US $(QUERIES) && \
+	  echo "filtered: at most 1 product per category" && \
+	  $(Q2E) query --server 127.0.0.1:$(GRPC_PORT) --model q2e_scann --signature retrieval --k 5 \
+	    --context query_country=US --max-per-category 1 $(FILTERED_QUERY)
 
 test: install-test
 	$(PY) -m pytest -q tests

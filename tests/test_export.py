@@ -112,7 +112,8 @@ def test_saved_models_match_the_in_memory_model(run, exported):
     model = load_model(run)
     index = load_index(run)
     stock = tf.saved_model.load(os.path.join(base, "q2e", "1"))
-    assert set(stock.signatures) == {"query_encoder", "product_encoder", "retrieval_exact", "serving_default"}
+    assert set(stock.signatures) == {"query_encoder", "product_encoder", "retrieval_exact", "retrieval_exact_filtered",
+                                     "serving_default"}
     inputs = _query_inputs(QUERIES)
     expected = model.query_tower(inputs).numpy()
     np.testing.assert_allclose(stock.signatures["query_encoder"](**inputs)["embedding"].numpy(), expected, atol=1e-5)
@@ -189,7 +190,7 @@ def test_layout_models_config_and_warmup(exported):
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
         outputs = stock.signatures[request.model_spec.signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
         assert all(v.shape[0] == 3 for v in outputs.values())
-    assert signatures == ["query_encoder", "product_encoder", "retrieval_exact"]
+    assert signatures == ["query_encoder", "product_encoder", "retrieval_exact", "retrieval_exact_filtered"]
 
 
 @pytest.mark.slow

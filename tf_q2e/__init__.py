@@ -12,7 +12,8 @@ The public API (each name imported on first use, so `import tf_q2e` stays fast):
                  SparseAdam (lazy Adam for the hashed tables), EarlyStopping (falls back to
                  val_recall_at_1 when the engagement metrics are NaN: a click-only log)
     saving       save(model, dir), load(dir)
-    search       Retriever.from_model / from_run / from_saved_model; .search(texts, k) -> Hit lists
+    search       Retriever.from_model / from_run / from_saved_model; .search(texts, k, filters=None) -> Hit
+                 lists; Filters (allow-lists, excluded ids, crowding at lookup time)
     serving      export(retriever, base_dir): SavedModels in TensorFlow Serving's layout
 
 Example (a user's own training script: examples/fit.py):
@@ -89,6 +90,7 @@ _PUBLIC = {
     "load": "tf_q2e.saving",
     "Retriever": "tf_q2e.search",
     "Hit": "tf_q2e.search",
+    "Filters": "tf_q2e.filters",
     "export": "tf_q2e.savedmodels",
 }
 

@@ -7,7 +7,8 @@ the towers carry a term channel, `tf_q2e.terms`) and writes `RUN/index/`:
 
     index.json        the ScaNN options, the search-time options, sizes, timings
                       and, after `--tune`, the measured recall/latency table
-    products.parquet  product_id, product_title: row i is vector i
+    products.parquet  product_id, product_title and the filter attributes (product_category, ...):
+                      row i is vector i
     vectors.npy       float32 [N, D] product vectors (the exact index; D + K with a term channel)
     scann/            the ScaNN searcher's state (a SavedModel of ScaNN's own
                       `ScannState`: its ops load only after `import scann`)
@@ -49,6 +50,7 @@ from tf_q2e.data.formats import file_format, parquet_row_groups
 from tf_q2e.data.pipeline import table_to_numpy
 from tf_q2e.data.validate import Validator, catalog_tables, dataset_files
 from tf_q2e.errors import InputError
+from tf_q2e.filters import ATTRIBUTES, approximate_filtered_top_k, catalogue_attributes
 from tf_q2e.progress import Progress
 
 # Catalogue sizes at which the automatic ScaNN options change (see module docstring).
@@ -192,6 +194,23 @@ class ScannTopK(tfrs.layers.factorized_top_k.TopK):
         indices, scores = _fill_padding(indices, scores)
         return scores, indices
 
+    def search_fetch(self, queries: tf.Tensor, fetch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(scores, row indices)` [B, <= fetch] of ScaNN asked for `fetch` (a tensor) neighbours, its
+        reordering widened to `fetch` when that is more; padded places hold PAD_SCORE and -1."""
+        from scann.scann_ops.py import scann_ops
+
+        pre, leaves = search_arguments(self.options)
+        pre = tf.maximum(pre, fetch) if pre > 0 else tf.constant(-1)
+        result = scann_ops.scann_search_batched(self.state.recreate_handle(), queries, fetch, pre, leaves, False)
+        indices, scores = _fill_padding(result.indices, result.distances)
+        return scores, indices
+
+    def search_filtered(self, queries: tf.Tensor, k: int, mask: tf.Tensor, crowding: tuple, product_filter,
+                        vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(scores, row indices)` [B, k] of the products of `mask` [N], crowded by `crowding`
+        (`tf_q2e.filters.approximate_filtered_top_k`: over-fetched, or exact over `vectors` when selective)."""
+        return approximate_filtered_top_k(self.search_fetch, queries, vectors, mask, k, crowding, product_filter, PAD_SCORE)
+
     def call(self, queries, k: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         k = k if k is not None else self._k
         if self.query_model is not None:
@@ -236,20 +255,23 @@ def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_ro
 
 
 def embed_catalog(model, catalog, batch_size: int = 4096, on_bad_rows: str = "error", progress=None):
-    """`(product_ids, titles, vectors)` of a catalogue (a file or a pandas DataFrame), its rows checked
+    """`(product_ids, titles, vectors, attributes)` of a catalogue (attributes: `tf_q2e.filters`) (a file or a pandas DataFrame), its rows checked
     like `q2e validate`'s, embedded in batches of `batch_size` rows; `progress(done)` is called after each."""
     encode = product_encoder(model)
-    ids, titles, chunks = [], [], []
+    ids, titles, categories, chunks = [], [], [], []
     for arrays in catalog_arrays(catalog, model.image_dim, on_bad_rows, batch_size):
         ids.append(arrays.pop(S.PRODUCT_ID))
         titles.append(arrays[S.PRODUCT_TITLE])
+        categories.append(arrays[S.PRODUCT_CATEGORY])
         chunks.append(encode(arrays).numpy())
         if progress is not None:
             progress(sum(len(c) for c in ids))
     if not chunks:
         where = catalog if isinstance(catalog, (str, os.PathLike)) else "the catalog DataFrame"
         raise InputError(f"{where}: the catalogue has no products to index")
-    return np.concatenate(ids), np.concatenate(titles), np.concatenate(chunks).astype(np.float32)
+    ids = np.concatenate(ids)
+    attributes = catalogue_attributes({S.PRODUCT_CATEGORY: np.concatenate(categories)}, len(ids))
+    return ids, np.concatenate(titles), np.concatenate(chunks).astype(np.float32), attributes
 
 
 # -- exact search, recall, tuning ----------------------------------------------------------------
@@ -393,6 +415,7 @@ class Index:
     options: ScannOptions
     meta: dict
     scann_dir: str
+    attributes: dict = dataclasses.field(default_factory=dict)  # filter attribute -> [N] str (tf_q2e.filters)
 
     def load_scann_state(self) -> tf.Module:
         """ScaNN's `ScannState` (needs ScaNN's ops: imports scann)."""
@@ -435,7 +458,8 @@ def build_index(run_dir: str, catalog: str | None = None, tune_recall: float | N
     total = sum(parquet_row_groups(catalog)) if file_format(catalog) == "parquet" else None
     progress = Progress(total, "products", log, verb="embedded")
     start = time.perf_counter()
-    ids, titles, vectors = embed_catalog(model, catalog, cfg.batch_size, model.config.data.on_bad_rows, progress.update)
+    ids, titles, vectors, attributes = embed_catalog(model, catalog, cfg.batch_size, model.config.data.on_bad_rows,
+                                                     progress.update)
     embed_seconds = time.perf_counter() - start
     k = min(cfg.k, len(ids))
     options = ScannOptions.for_catalog(cfg, len(ids), k)
@@ -455,18 +479,22 @@ def build_index(run_dir: str, catalog: str | None = None, tune_recall: float | N
             f"recall@{k} {chosen['recall']:.3f}, p50 {chosen['p50_ms']:.3f} ms"
             + ("" if chosen["meets_target"] else f" (target {tune_recall} not met by any setting tried)"))
     meta["scann"] = dataclasses.asdict(options)
-    write_index(os.path.join(run_dir, INDEX_DIR), ids, titles, vectors, searcher, meta)
+    write_index(os.path.join(run_dir, INDEX_DIR), ids, titles, vectors, searcher, meta, attributes)
     return meta
 
 
-def write_index(out_dir: str, ids, titles, vectors: np.ndarray, searcher, meta: dict) -> None:
-    """Writes an index directory atomically (a temporary sibling, then a rename)."""
+def write_index(out_dir: str, ids, titles, vectors: np.ndarray, searcher, meta: dict,
+                attributes: dict[str, np.ndarray] | None = None) -> None:
+    """Writes an index directory atomically (a temporary sibling, then a rename); `attributes` are the
+    products' filter attributes (`tf_q2e.filters`), kept as their catalogue columns."""
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     np.save(os.path.join(tmp, VECTORS_FILE), vectors)
-    pq.write_table(pa.table({S.PRODUCT_ID: pa.array(list(ids), pa.string()), S.PRODUCT_TITLE: pa.array(list(titles), pa.string())}),
-                   os.path.join(tmp, PRODUCTS_FILE))
+    columns = {S.PRODUCT_ID: pa.array(list(ids), pa.string()), S.PRODUCT_TITLE: pa.array(list(titles), pa.string())}
+    for attribute, values in (attributes or {}).items():
+        columns[ATTRIBUTES[attribute]] = pa.array(list(values), pa.string())
+    pq.write_table(pa.table(columns), os.path.join(tmp, PRODUCTS_FILE))
     tf.saved_model.save(searcher.serialize_to_module(), os.path.join(tmp, SCANN_DIR),
                         options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
@@ -489,8 +517,11 @@ def load_index(run_dir: str) -> Index:
         meta = json.load(f)
     products = pq.read_table(os.path.join(out_dir, PRODUCTS_FILE))
     vectors = np.load(os.path.join(out_dir, VECTORS_FILE), allow_pickle=False)
+    columns = {c: products.column(c).to_numpy(zero_copy_only=False) for c in ATTRIBUTES.values()
+               if c in products.column_names}
     return Index(
         product_ids=products.column(S.PRODUCT_ID).to_numpy(zero_copy_only=False).astype(object),
+        attributes=catalogue_attributes(columns, products.num_rows),
         titles=products.column(S.PRODUCT_TITLE).to_numpy(zero_copy_only=False).astype(object),
         vectors=vectors,
         options=ScannOptions(**meta["scann"]),

@@ -529,7 +529,7 @@ def dense_retriever_for_run(run_dir: str, data_dir: str | None = None, log=None)
     else:
         if log is not None:
             log(f"embedding the catalogue {catalog} (no index of it in {run_dir})")
-        ids, _, vectors = embed_catalog(model, catalog, model.config.index.batch_size, model.config.data.on_bad_rows)
+        ids, _, vectors, _ = embed_catalog(model, catalog, model.config.index.batch_size, model.config.data.on_bad_rows)
     name = os.path.basename(os.path.normpath(run_dir))
     return DenseRetriever(model, ids, vectors, name=name), data_dir, model
 

@@ -60,15 +60,16 @@ import tensorflow as tf
 
 from tf_q2e.data import schema as S
 from tf_q2e.errors import InputError
-from tf_q2e.index import (ScannOptions, ScannTopK, build_searcher, catalog_columns, gather_or_empty, load_index,
+from tf_q2e.filters import FILTER_SPEC, Filters, ProductFilter, check_request, exact_filtered_top_k
+from tf_q2e.index import (PAD_SCORE, ScannOptions, ScannTopK, build_searcher, catalog_columns, gather_or_empty, load_index,
                           product_spec)
 
 SCANN_SUFFIX = "_scann"
 MODELS_CONFIG = "models.config"
 STOCK_MODELS_CONFIG = "models.stock.config"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-STOCK_SIGNATURES = ("query_encoder", "product_encoder", "retrieval_exact")
-SCANN_SIGNATURES = ("retrieval",)
+STOCK_SIGNATURES = ("query_encoder", "product_encoder", "retrieval_exact", "retrieval_exact_filtered")
+SCANN_SIGNATURES = ("retrieval", "retrieval_filtered")
 
 
 def query_spec(context_columns: tuple[str, ...]) -> dict[str, tf.TensorSpec]:
@@ -82,12 +83,13 @@ def _strings(values: np.ndarray) -> tf.Variable:
 class StockModule(tf.Module):
     """The towers and an in-graph brute-force index: stock ops only."""
 
-    def __init__(self, model, product_ids, titles, vectors: np.ndarray, k: int):
+    def __init__(self, model, product_ids, titles, vectors: np.ndarray, k: int, attributes: dict | None = None):
         super().__init__(name="q2e")
         self.query_tower = model.query_tower
         self.product_tower = model.product_tower
         self.engagement = model.engagement
         self.vectors = tf.Variable(vectors, trainable=False, name="product_vectors")
+        self.product_filter = ProductFilter(product_ids, attributes)
         self.product_ids = _strings(product_ids)
         self.titles = _strings(titles)
         self.k = k
@@ -110,14 +112,26 @@ class StockModule(tf.Module):
             scores, indices = tf.math.top_k(tf.matmul(queries, self.vectors, transpose_b=True), k=self.k)
             return _results(scores, indices, query_bias, self.engagement, self.product_ids, self.titles)
 
+        @tf.function(input_signature=[self.query_spec, FILTER_SPEC])
+        def retrieval_exact_filtered(features, filters):
+            with tf.control_dependencies(check_request(filters["max_per_category"], filters["max_per_seller"])):
+                queries, query_bias = self.query_tower(features, training=False, return_bias=True)
+            mask = self.product_filter.mask(filters["categories"], filters["countries"], filters["exclude_product_ids"])
+            scores, indices = exact_filtered_top_k(queries, self.vectors, mask, self.k,
+                                                   (filters["max_per_category"], filters["max_per_seller"]),
+                                                   self.product_filter, PAD_SCORE)
+            return _results(scores, indices, query_bias, self.engagement, self.product_ids, self.titles)
+
         return {"query_encoder": query_encoder, "product_encoder": product_encoder,
-                "retrieval_exact": retrieval_exact, "serving_default": retrieval_exact}
+                "retrieval_exact": retrieval_exact, "retrieval_exact_filtered": retrieval_exact_filtered,
+                "serving_default": retrieval_exact}
 
 
 class ScannModule(tf.Module):
     """The query tower and ScaNN's searcher (`ScannTopK`): needs ScaNN's ops."""
 
-    def __init__(self, model, top_k: ScannTopK, titles, k: int):
+    def __init__(self, model, top_k: ScannTopK, product_ids, titles, k: int, vectors: np.ndarray,
+                 attributes: dict | None = None):
         super().__init__(name="q2e_scann")
         self.query_tower = model.query_tower
         self.engagement = model.engagement
@@ -125,6 +139,9 @@ class ScannModule(tf.Module):
         self.titles = _strings(titles)
         self.k = k
         self.query_spec = query_spec(model.context_columns)
+        self.product_filter = ProductFilter(product_ids, attributes)
+        # A filter too selective for over-fetching scores its products exactly: float16 vectors (N × D × 2 bytes).
+        self.vectors = tf.Variable(vectors.astype(np.float16), trainable=False, name="product_vectors_float16")
 
     def signatures(self) -> dict:
         @tf.function(input_signature=[self.query_spec])
@@ -133,7 +150,17 @@ class ScannModule(tf.Module):
             scores, indices = self.top_k.search_indices(queries, self.k)
             return _results(scores, indices, query_bias, self.engagement, self.top_k.identifiers, self.titles)
 
-        return {"retrieval": retrieval, "serving_default": retrieval}
+        @tf.function(input_signature=[self.query_spec, FILTER_SPEC])
+        def retrieval_filtered(features, filters):
+            with tf.control_dependencies(check_request(filters["max_per_category"], filters["max_per_seller"])):
+                queries, query_bias = self.query_tower(features, training=False, return_bias=True)
+            mask = self.product_filter.mask(filters["categories"], filters["countries"], filters["exclude_product_ids"])
+            scores, indices = self.top_k.search_filtered(queries, self.k, mask,
+                                                         (filters["max_per_category"], filters["max_per_seller"]),
+                                                         self.product_filter, self.vectors)
+            return _results(scores, indices, query_bias, self.engagement, self.top_k.identifiers, self.titles)
+
+        return {"retrieval": retrieval, "retrieval_filtered": retrieval_filtered, "serving_default": retrieval}
 
 
 def _results(scores: tf.Tensor, indices: tf.Tensor, query_bias: tf.Tensor, engagement, product_ids, titles) -> dict:
@@ -175,6 +202,9 @@ def warmup_requests(model_name: str, signatures: tuple[str, ...], queries: list[
             inputs.update({c: np.array([""] * len(queries), dtype=object) for c in context_columns})
         for key, value in inputs.items():
             request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        if signature.endswith("_filtered"):  # no restrict: the filter code runs all the same
+            for key, value in Filters().arrays(len(queries)).items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=FILTER_SPEC[key].dtype, shape=value.shape))
         log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
         records.append(log.SerializeToString())
     return records
@@ -281,17 +311,18 @@ def _write_models(retriever, model, base: str, name: str, version: int, k: int, 
                   products, log) -> dict:
     """Writes version `version` of the stock model (and the ScaNN model); returns their paths by name."""
     paths = {}
-    stock = StockModule(model, retriever.product_ids, titles, retriever.vectors, k)
+    stock = StockModule(model, retriever.product_ids, titles, retriever.vectors, k, retriever.attributes)
     paths[name] = write_saved_model(stock, base, name, version,
                                     warmup_requests(name, STOCK_SIGNATURES, queries, products, model.context_columns))
     log(f"wrote {paths[name]} ({', '.join(STOCK_SIGNATURES)}; stock ops)")
     if scann:
         scann_name = name + SCANN_SUFFIX
         paths[scann_name] = write_saved_model(
-            ScannModule(model, _scann_top_k(retriever, model, k), titles, k), base, scann_name, version,
+            ScannModule(model, _scann_top_k(retriever, model, k), retriever.product_ids, titles, k, retriever.vectors,
+                        retriever.attributes), base, scann_name, version,
             warmup_requests(scann_name, SCANN_SIGNATURES, queries, products, model.context_columns),
             options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
-        log(f"wrote {paths[scann_name]} (retrieval; ScaNN ops)")
+        log(f"wrote {paths[scann_name]} ({', '.join(SCANN_SIGNATURES)}; ScaNN ops)")
     return paths
 
 

@@ -45,8 +45,9 @@ import tensorflow as tf
 from tf_q2e.data import schema as S
 from tf_q2e.data.validate import dataset_files
 from tf_q2e.errors import InputError
-from tf_q2e.index import (INDEX_DIR, META_FILE, Index, ScannOptions, ScannTopK, build_searcher, catalog_arrays, embed_catalog,
-                          exact_top_k, load_index, product_encoder)
+from tf_q2e.filters import Filters, ProductFilter, as_tensors, batch_arrays, exact_filtered_top_k, per_query
+from tf_q2e.index import (INDEX_DIR, META_FILE, PAD_SCORE, Index, ScannOptions, ScannTopK, build_searcher, catalog_arrays,
+                          embed_catalog, exact_top_k, load_index, product_encoder)
 
 
 class _HitFields(NamedTuple):
@@ -108,7 +109,7 @@ class Retriever:
 
     def __init__(self, *, query_fn, product_fn, probability_fn, product_ids, titles, vectors=None, scann=None,
                  search_fn=None, exact: bool | None = None, context_columns: Sequence[str] = (), image_dim: int = 0,
-                 model=None, k: int | None = None):
+                 model=None, k: int | None = None, attributes: dict | None = None, filtered_search_fn=None):
         self._query_fn = query_fn  # features -> (vectors [B, D], biases [B])
         self._product_fn = product_fn  # product features -> [B, D]
         self._probability_fn = probability_fn  # scores [B, k] + biases -> probabilities
@@ -122,6 +123,9 @@ class Retriever:
         self.model = model
         self.max_k = k  # a SavedModel's fixed K, or the ScaNN searcher's
         self.exact = scann is None if exact is None else exact
+        self.attributes = attributes or {}  # filter attribute -> [N] str (tf_q2e.filters)
+        self._filtered_search_fn = filtered_search_fn  # SavedModel: features + filter inputs -> outputs
+        self._product_filter = None  # a ProductFilter over the products, made on the first filtered search
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -133,14 +137,14 @@ class Retriever:
         `model.config.index` for this catalogue's size (exact scoring below
         20,000 products), returning up to `k` products per query.
         """
-        ids, titles, vectors = embed_catalog(model, catalog, model.config.index.batch_size, on_bad_rows)
+        ids, titles, vectors, attributes = embed_catalog(model, catalog, model.config.index.batch_size, on_bad_rows)
         searcher = None
         if scann:
             k = min(k, len(ids))
             options = ScannOptions.for_catalog(model.config.index, len(ids), k)
             state = build_searcher(vectors, options, k).serialize_to_module()
             searcher = _scann_top_k(state, ids, options, k)
-        return cls._of_model(model, ids, titles, vectors, searcher)
+        return cls._of_model(model, ids, titles, vectors, searcher, attributes)
 
     @classmethod
     def from_run(cls, run_dir: str, scann: bool = True) -> "Retriever":
@@ -162,15 +166,16 @@ class Retriever:
         searcher = None
         if scann:
             searcher = _scann_top_k(index.load_scann_state(), index.product_ids, index.options, index.meta["k"])
-        return cls._of_model(model, index.product_ids, index.titles, index.vectors, searcher)
+        return cls._of_model(model, index.product_ids, index.titles, index.vectors, searcher, index.attributes)
 
     @classmethod
-    def _of_model(cls, model, ids, titles, vectors, searcher) -> "Retriever":
+    def _of_model(cls, model, ids, titles, vectors, searcher, attributes=None) -> "Retriever":
         query = tf.function(lambda features: model.query_tower(features, training=False, return_bias=True))
         return cls(query_fn=query, product_fn=product_encoder(model),
                    probability_fn=lambda scores: model.engagement.probability(scores).numpy(),
                    product_ids=ids, titles=titles, vectors=vectors, scann=searcher, context_columns=model.context_columns,
-                   image_dim=model.image_dim, model=model, k=searcher.k if searcher is not None else None)
+                   image_dim=model.image_dim, model=model, k=searcher.k if searcher is not None else None,
+                   attributes=attributes)
 
     @classmethod
     def from_saved_model(cls, path: str) -> "Retriever":
@@ -186,6 +191,7 @@ class Retriever:
         if name is None:
             raise InputError(f"{path}: no retrieval signature (signatures: {', '.join(signatures)}); is it a tf_q2e export?")
         search = signatures[name]
+        filtered = signatures.get(name + "_filtered")
         inputs = search.structured_input_signature[1]
         context_columns = tuple(c for c in inputs if c != S.QUERY)
         k = int(search.structured_outputs["product_ids"].shape[1])
@@ -203,6 +209,7 @@ class Retriever:
         ids = getattr(loaded, "product_ids", None)
         titles = getattr(loaded, "titles", None)
         return cls(query_fn=query_fn, product_fn=product_fn, probability_fn=None, search_fn=lambda f: search(**f),
+                   filtered_search_fn=(lambda f: filtered(**f)) if filtered is not None else None,
                    exact=name == "retrieval_exact",
                    product_ids=ids.numpy().astype(object) if ids is not None else [],
                    titles=titles.numpy().astype(object) if titles is not None else [],
@@ -229,23 +236,39 @@ class Retriever:
             raise InputError("the catalogue has no products")
         return np.concatenate(chunks).astype(np.float32)
 
-    def search(self, texts, k: int = 10, context: Mapping | None = None) -> list[list[Hit]]:
-        """The top `k` products of each query text, best first (fewer where the index has fewer)."""
+    def search(self, texts, k: int = 10, context: Mapping | None = None,
+               filters: Filters | Mapping | None = None) -> list[list[Hit]]:
+        """The top `k` products of each query text, best first (fewer where the index has fewer).
+
+        `filters` (a `tf_q2e.Filters` or a mapping of its fields, for every query; or a list of one per
+        query) restricts the products: allow-lists of categories and countries, product ids to exclude,
+        crowding (`tf_q2e.filters`). Fewer than k products pass a restrictive filter: the list is then
+        shorter.
+        """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         features = query_features(texts, context, self.context_columns)
         if self.max_k is not None and k > self.max_k:
             raise InputError(f"k={k} is more than the {self.max_k} products this "
                              f"{'export' if self._search_fn else 'ScaNN searcher'} returns per query; ask for fewer")
+        filters = per_query(filters, len(features[S.QUERY]))
         if self._search_fn is not None:
-            out = self._search_fn(features)
+            if filters is not None:
+                if self._filtered_search_fn is None:
+                    raise InputError("this SavedModel has no filtered retrieval signature (it was exported before "
+                                     "filters existed); export it again")
+                out = self._filtered_search_fn({**features, **as_tensors(batch_arrays(filters))})
+            else:
+                out = self._search_fn(features)
             ids, scores = out["product_ids"].numpy()[:, :k], out["scores"].numpy()[:, :k]
             titles, probability = out["product_titles"].numpy()[:, :k], out["engagement_probability"].numpy()[:, :k]
             ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(ids) if ids.size else ids
             titles = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(titles) if titles.size else titles
         else:
             queries, bias = self._query_fn(features)
-            if self._scann is not None:
+            if filters is not None:
+                scores, rows = (x.numpy() for x in self._search_filtered(queries, k, filters))
+            elif self._scann is not None:
                 scores, rows = (x.numpy() for x in self._scann.search_indices(queries, k))
             else:
                 scores, rows = exact_top_k(self.vectors, queries.numpy(), k)
@@ -255,6 +278,20 @@ class Retriever:
             titles = np.where(valid, self.titles[np.maximum(rows, 0)], "")
         return [[Hit(str(p), float(s), str(t), float(e)) for p, s, t, e in zip(*row) if p]
                 for row in zip(ids, scores, titles, probability)]
+
+    def _search_filtered(self, queries: tf.Tensor, k: int, filters: list[Filters]) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(scores, rows)` [B, k] of the products each query's `filters` keeps: ScaNN over-fetched, or exact."""
+        if self._product_filter is None:
+            self._product_filter = (ProductFilter(self.product_ids, self.attributes),
+                                    tf.constant(self.vectors, tf.float32))
+        product_filter, vectors = self._product_filter
+        inputs = as_tensors(batch_arrays(filters))
+        mask = product_filter.mask(inputs["categories"], inputs["countries"], inputs["exclude_product_ids"])
+        crowding = (inputs["max_per_category"], inputs["max_per_seller"])
+        k = min(k, len(self.product_ids))
+        if self._scann is not None:
+            return self._scann.search_filtered(queries, k, mask, crowding, product_filter, vectors)
+        return exact_filtered_top_k(queries, vectors, mask, k, crowding, product_filter, PAD_SCORE)
 
     def export(self, base: str, name: str = "q2e", k: int | None = None, scann: bool | None = None, log=None) -> dict:
         """Writes this retriever's model and products for TensorFlow Serving (`tf_q2e.savedmodels.export`):

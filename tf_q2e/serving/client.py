@@ -39,6 +39,8 @@ from tensorflow_serving.apis import (
 )
 
 from tf_q2e.serving.errors import ServingError, code_of_http_status, code_of_number
+
+FILTERED = "_filtered"  # the suffix of a retrieval signature's twin that takes the filter inputs
 from tf_q2e.serving.protos import SIGNATURE_DEF_FIELD
 from tf_q2e.serving.rest_json import decode_tensor, encode_tensor
 
@@ -183,6 +185,7 @@ class ServingClient:
         k: int,
         signature: str = "retrieval_exact",
         context: Mapping[str, str | Sequence[str]] | None = None,
+        filters=None,
     ) -> list[list[dict]]:
         """The top-k products per query from a retrieval signature.
 
@@ -194,6 +197,9 @@ class ServingClient:
             context: more query inputs (e.g. `{"query_country": "US"}`): one string
                 for every query, or one per query. A `query_*` input that the
                 signature declares and `context` leaves out gets "" (unknown).
+            filters: a `tf_q2e.Filters` (or a mapping of its fields) for every query, or a
+                list of one per query: the request goes to the signature's `_filtered` twin
+                (`retrieval_exact_filtered`, `retrieval_filtered`) with the filter inputs.
 
         Returns:
             Per query, best first: `{"product_id": str, "title": str, "score": float}`,
@@ -210,6 +216,12 @@ class ServingClient:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         inputs = {"query": list(queries), **_context_inputs(context or {}, len(queries))}
+        from tf_q2e.filters import batch_arrays, per_query
+
+        filters = per_query(filters, len(queries))
+        if filters is not None:
+            signature = signature if signature.endswith(FILTERED) else signature + FILTERED
+            inputs.update(batch_arrays(filters))
         declared = self.metadata(model)["signatures"].get(signature, {}).get("inputs", {})
         for name in declared:
             if name.startswith("query_") and name not in inputs:
@@ -247,7 +259,8 @@ class ServingClient:
         request = predict_pb2.PredictRequest()
         _set_model_spec(request.model_spec, model, signature, version)
         for name, array in arrays.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+            empty_text = array.dtype == object and array.size == 0  # no element says it is text
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=tf.string if empty_text else None))
         response = self._call(self._predictions.Predict, request)
         answered = response.model_spec.version.value if response.model_spec.HasField("version") else None
         return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}, answered

@@ -88,7 +88,8 @@ def _set_event_handler(event: threading.Event) -> Callable[[int, FrameType | Non
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
-    """`q2e query [--server HOST:P] [--rest] [--model q2e] [--signature S] [--k 10] TEXT...`."""
+    """`q2e query [--server HOST:P] [--rest] [--model q2e] [--signature S] [--k 10] [--category C ...]
+    [--country C ...] [--exclude ID ...] [--max-per-category N] [--max-per-seller N] TEXT...`."""
     parser.add_argument("queries", nargs="+", metavar="TEXT", help="query text(s)")
     parser.add_argument("--server", help="HOST:PORT (default 127.0.0.1:8500, or :8501 with --rest)")
     parser.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
@@ -102,6 +103,16 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a context input for every query, e.g. query_country=US (repeatable)",
     )
+    parser.add_argument("--category", action="append", default=[], metavar="NAME",
+                        help="return only products of this category (repeatable: any of them)")
+    parser.add_argument("--country", action="append", default=[], metavar="CODE",
+                        help="return only products of this country (the catalogue's product_country; repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PRODUCT_ID",
+                        help="never return this product (repeatable)")
+    parser.add_argument("--max-per-category", type=int, default=0, metavar="N",
+                        help="at most N results per category (crowding; default 0: no limit)")
+    parser.add_argument("--max-per-seller", type=int, default=0, metavar="N",
+                        help="at most N results per seller (the catalogue's product_seller; default 0: no limit)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for the server and model to come up (default 0: fail at once)")
@@ -121,10 +132,14 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.wait < 0:
         raise InputError(f"--wait must be 0 or more seconds, got {args.wait}")
+    from tf_q2e.filters import Filters
+
+    filters = Filters(categories=args.category, countries=args.country, exclude=args.exclude,
+                      max_per_category=args.max_per_category, max_per_seller=args.max_per_seller)
     with ServingClient(target, "rest" if args.rest else "grpc", args.timeout) as client:
         try:
             _wait_for_model(client, args.model, args.wait)
-            results = client.search(args.model, args.queries, args.k, args.signature, context)
+            results = client.search(args.model, args.queries, args.k, args.signature, context, filters)
         except ValueError as e:
             raise InputError(str(e)) from None
         except ServingError as e:
