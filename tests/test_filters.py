@@ -28,7 +28,9 @@ def catalogue(n: int = 400, seed: int = 0) -> pd.DataFrame:
     categories = np.where(np.arange(n) % 100 == 0, "rare", np.array(["chairs", "lamps", "rugs", "tables"])[np.arange(n) % 4])
     return pd.DataFrame({"product_id": [f"p{i}" for i in range(n)],
                          "product_title": [" ".join(rng.choice(WORDS, 3)) for _ in range(n)],
-                         "product_category": categories})
+                         "product_category": categories,
+                         "product_country": np.array(["US", "CA", "MX"])[rng.randint(0, 3, n)],
+                         "product_seller": [f"s{j}" for j in rng.randint(0, 30, n)]})
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +40,22 @@ def model():
 
 
 def reference(retriever, filters: Filters, k: int) -> list[list[str]]:
-    """Brute force in NumPy: score everything, drop what the filter drops, crowd greedily."""
+    """Brute force in NumPy: score everything, drop what the filter drops, crowd greedily (one limit)."""
     queries = retriever.encode_queries(QUERIES)
-    category = retriever.attributes["category"]
+    category, country, seller = (retriever.attributes[a] for a in ("category", "country", "seller"))
     out = []
     for scores in queries @ retriever.vectors.T:
-        found, per_category = [], {}
+        found, taken = [], {}
         for row in np.argsort(-scores, kind="stable"):
             product = retriever.product_ids[row]
-            if filters.categories and category[row] not in filters.categories or product in filters.exclude:
+            if (filters.categories and category[row] not in filters.categories
+                    or filters.countries and country[row] not in filters.countries or product in filters.exclude):
                 continue
-            if filters.max_per_category and per_category.get(category[row], 0) >= filters.max_per_category:
+            group, limit = ((category[row], filters.max_per_category) if filters.max_per_category
+                            else ("seller " + seller[row], filters.max_per_seller))
+            if limit and taken.get(group, 0) >= limit:
                 continue
-            per_category[category[row]] = per_category.get(category[row], 0) + 1
+            taken[group] = taken.get(group, 0) + 1
             found.append(product)
             if len(found) == k:
                 break
@@ -69,18 +74,22 @@ FILTERS = [
     Filters(max_per_category=2),
     Filters(categories=("chairs", "tables", "rare"), exclude=("p4",), max_per_category=3),
     Filters(categories=("no such category",)),  # matches nothing: empty lists, not wrong items
+    Filters(countries=("CA", "MX"), max_per_seller=1),
 ]
+NAMES = ["allow-half", "allow-1%", "exclude", "crowding", "all", "none", "country-seller"]
 
 
-@pytest.mark.parametrize("filters", FILTERS, ids=["allow-half", "allow-1%", "exclude", "crowding", "all", "none"])
+@pytest.mark.parametrize("filters", FILTERS, ids=NAMES)
 def test_exact_search_with_a_filter_equals_brute_force_in_numpy(model, filters):
     retriever = tf_q2e.Retriever.from_model(model, catalogue())
     found = ids(retriever.search(QUERIES, k=10, filters=filters))
     assert found == reference(retriever, filters, 10)
     category = dict(zip(retriever.product_ids, retriever.attributes["category"]))
+    country = dict(zip(retriever.product_ids, retriever.attributes["country"]))
     for hits in found:
         assert not set(hits) & set(filters.exclude)
         assert not filters.categories or all(category[p] in filters.categories for p in hits)
+        assert not filters.countries or all(country[p] in filters.countries for p in hits)
 
 
 def test_each_query_of_a_batch_takes_its_own_filter(model):
@@ -172,6 +181,18 @@ def test_q2e_query_filters_through_the_server_over_both_protocols(model, exporte
         with pytest.raises(InputError, match=r"filters.max_per_category must be an integer, 0 \(no crowding\) or more"):
             commands.run_query(parser.parse_args(["--server", f"127.0.0.1:{server.grpc_port}", "--max-per-category",
                                                   "-2", "red sofa"]))
+
+
+def test_a_catalogue_attribute_of_the_wrong_type_is_named(model):
+    catalog = catalogue(20)
+    catalog["product_country"] = catalog["product_country"].astype(object)
+    catalog.loc[3, "product_country"] = 7
+    with pytest.raises(InputError, match=r"row 4, column product_country: expected a string, got int 7"):
+        tf_q2e.Retriever.from_model(model, catalog)
+    # Absent attribute columns are "" for every product: an allow-list on them matches nothing.
+    plain = tf_q2e.Retriever.from_model(model, catalogue(20).drop(columns=["product_country", "product_seller"]))
+    assert set(plain.attributes["country"]) == {""}
+    assert plain.search(QUERIES, k=5, filters=Filters(countries=("US",))) == [[]] * len(QUERIES)
 
 
 def test_bad_filters_are_named(model):

@@ -152,6 +152,10 @@ def _check_bootstrap(n: int) -> None:
 def _index(args: argparse.Namespace) -> int:
     from tf_q2e.index import build_index
 
+    if args.upsert or args.delete:
+        return _update_index(args)
+    if args.rebalance != "auto":
+        raise InputError("--rebalance needs --upsert or --delete")
     if args.target_recall is not None and not args.tune:
         raise InputError("--target-recall needs --tune")
     target = args.target_recall if args.target_recall is not None else 0.95
@@ -166,6 +170,19 @@ def _index(args: argparse.Namespace) -> int:
         chosen = meta["tune"]["chosen"]
         print(f"tuned: recall@{meta['k']} {chosen['recall']:.3f} vs exact search, p50 {chosen['p50_ms']:.3f} ms "
               f"({len(meta['tune']['tried'])} settings tried; see index.json)")
+    return 0
+
+
+def _update_index(args: argparse.Namespace) -> int:
+    from tf_q2e.updates import update_index
+
+    if args.catalog or args.tune or args.set:
+        raise InputError("--upsert/--delete update the run's index as it is: --catalog, --tune and --set build a new one")
+    meta = update_index(args.run, args.upsert, args.delete, args.rebalance)
+    update = meta["updates"][-1]
+    print(f"updated {os.path.join(args.run, 'index')}: {update['added']} added, {update['replaced']} replaced, "
+          f"{update['deleted']} deleted -> {meta['products']} products"
+          f"{'; rebalanced' if update['rebalanced'] else ''} in {update['seconds']:.1f} s (q2e export writes a new version)")
     return 0
 
 
@@ -248,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="pick the fastest search options that reach --target-recall")
     p.add_argument("--target-recall", type=float, help="recall@k against exact search that --tune must reach (default 0.95)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an index option (index.k=50)")
+    p.add_argument("--upsert", metavar="FILE", help="update the run's index: add or replace the products of this "
+                   "catalogue file (only they are embedded)")
+    p.add_argument("--delete", metavar="FILE", help="update the run's index: remove the product ids of this file "
+                   "(one per line)")
+    p.add_argument("--rebalance", choices=("auto", "always", "never"), default="auto",
+                   help="with --upsert/--delete: retrain ScaNN's partitions (auto: when ScaNN's imbalance grew)")
     p.set_defaults(handler=_index)
 
     p = verbs.add_parser("export", help="write the run's SavedModels into a TensorFlow Serving base directory")

@@ -46,7 +46,7 @@ from tf_q2e.data import schema as S
 from tf_q2e.errors import InputError
 
 # Filter attribute -> catalogue column.
-ATTRIBUTES = {"category": S.PRODUCT_CATEGORY, "country": "product_country", "seller": "product_seller"}
+ATTRIBUTES = {"category": S.PRODUCT_CATEGORY, "country": S.PRODUCT_COUNTRY, "seller": S.PRODUCT_SELLER}
 # How many candidates a crowded search ranks per result asked for (crowding drops the surplus of a category).
 CROWDING_CANDIDATES_PER_RESULT = 10
 PAD_INDEX = -1

@@ -244,25 +244,29 @@ def product_encoder(model) -> tf.types.experimental.GenericFunction:
                        input_signature=[product_spec(model.image_dim)])
 
 
-def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_rows: int = 4096):
+def catalog_arrays(catalog, image_dim: int, on_bad_rows: str = "error", batch_rows: int = 4096,
+                   attributes: bool = False):
     """Validated batches of a catalogue (a file path or a pandas DataFrame) as NumPy arrays of
-    `catalog_columns(image_dim)`, at most `batch_rows` rows each, checked like `q2e validate` checks a
-    catalogue file."""
-    columns = catalog_columns(image_dim)
+    `catalog_columns(image_dim)` (and, with `attributes`, the filter attributes `product_country`,
+    `product_seller`), at most `batch_rows` rows each, checked like `q2e validate` checks a catalogue file."""
+    columns = catalog_columns(image_dim) + (list(S.PRODUCT_ATTRIBUTE_FIELDS) if attributes else [])
     for table in catalog_tables(catalog, Validator(on_bad_rows, image_dim=image_dim or 0), batch_rows):
         for start in range(0, table.num_rows, batch_rows):
             yield table_to_numpy(table.slice(start, batch_rows), columns, image_dim)
 
 
 def embed_catalog(model, catalog, batch_size: int = 4096, on_bad_rows: str = "error", progress=None):
-    """`(product_ids, titles, vectors, attributes)` of a catalogue (attributes: `tf_q2e.filters`) (a file or a pandas DataFrame), its rows checked
-    like `q2e validate`'s, embedded in batches of `batch_size` rows; `progress(done)` is called after each."""
+    """`(product_ids, titles, vectors, attributes)` of a catalogue (a file or a pandas DataFrame), its rows
+    checked like `q2e validate`'s, embedded in batches of `batch_size` rows (`attributes`: the filter
+    attributes, `tf_q2e.filters.catalogue_attributes`); `progress(done)` is called after each."""
     encode = product_encoder(model)
-    ids, titles, categories, chunks = [], [], [], []
-    for arrays in catalog_arrays(catalog, model.image_dim, on_bad_rows, batch_size):
+    ids, titles, chunks = [], [], []
+    attributes = {c: [] for c in ATTRIBUTES.values()}
+    for arrays in catalog_arrays(catalog, model.image_dim, on_bad_rows, batch_size, attributes=True):
         ids.append(arrays.pop(S.PRODUCT_ID))
         titles.append(arrays[S.PRODUCT_TITLE])
-        categories.append(arrays[S.PRODUCT_CATEGORY])
+        for column, values in attributes.items():
+            values.append(arrays[column] if column in S.PRODUCT_TEXT_FIELDS else arrays.pop(column))
         chunks.append(encode(arrays).numpy())
         if progress is not None:
             progress(sum(len(c) for c in ids))
@@ -270,7 +274,7 @@ def embed_catalog(model, catalog, batch_size: int = 4096, on_bad_rows: str = "er
         where = catalog if isinstance(catalog, (str, os.PathLike)) else "the catalog DataFrame"
         raise InputError(f"{where}: the catalogue has no products to index")
     ids = np.concatenate(ids)
-    attributes = catalogue_attributes({S.PRODUCT_CATEGORY: np.concatenate(categories)}, len(ids))
+    attributes = catalogue_attributes({c: np.concatenate(v) for c, v in attributes.items()}, len(ids))
     return ids, np.concatenate(titles), np.concatenate(chunks).astype(np.float32), attributes
 
 

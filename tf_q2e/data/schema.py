@@ -16,6 +16,13 @@ An impression log row is one (query, product) pair that a search system showed:
 
 A catalogue row is `product_id` plus the `product_*` fields; each product id
 appears once. Each product id carries the same fields wherever it appears.
+A catalogue may also carry the filter attributes (`tf_q2e.filters`), which
+impression rows do not:
+
+| column | type | required | meaning |
+|---|---|---|---|
+| `product_country` | string | no | where the item is (an allow-list filters on it); missing/null -> "" |
+| `product_seller` | string | no | who sells it (crowding per seller); missing/null -> "" |
 
 Data sets on disk are a directory with `catalog.parquet`, `train.parquet`,
 `validation.parquet`, `test.parquet` and `manifest.json`, split by query with
@@ -40,6 +47,8 @@ PRODUCT_TITLE = "product_title"
 PRODUCT_DESCRIPTION = "product_description"
 PRODUCT_CATEGORY = "product_category"
 PRODUCT_IMAGE_EMBEDDING = "product_image_embedding"
+PRODUCT_COUNTRY = "product_country"
+PRODUCT_SELLER = "product_seller"
 ENGAGED = "engaged"
 RELEVANCE = "relevance"
 
@@ -51,6 +60,9 @@ ENGAGED_UNLABELLED = -1
 # Product fields besides the id, in canonical order.
 PRODUCT_TEXT_FIELDS = (PRODUCT_TITLE, PRODUCT_DESCRIPTION, PRODUCT_CATEGORY)
 PRODUCT_FIELDS = PRODUCT_TEXT_FIELDS + (PRODUCT_IMAGE_EMBEDDING,)
+# Catalogue-only string columns that lookups filter on (`tf_q2e.filters`); "" when absent.
+PRODUCT_ATTRIBUTE_FIELDS = (PRODUCT_COUNTRY, PRODUCT_SELLER)
+OPTIONAL_TEXT_FIELDS = (PRODUCT_DESCRIPTION, PRODUCT_CATEGORY) + PRODUCT_ATTRIBUTE_FIELDS
 
 REQUIRED_IMPRESSION_COLUMNS = (QUERY, PRODUCT_ID, PRODUCT_TITLE, ENGAGED)
 REQUIRED_CATALOG_COLUMNS = (PRODUCT_ID, PRODUCT_TITLE)
@@ -91,8 +103,9 @@ def impression_schema(image_dim: int = 0, context_columns: tuple[str, ...] = ())
 
 
 def catalog_schema(image_dim: int = 0) -> pa.Schema:
-    """Arrow schema of a canonical product catalogue."""
-    return pa.schema(_product_fields(image_dim))
+    """Arrow schema of a canonical product catalogue: the product fields and the filter attributes."""
+    return pa.schema(_product_fields(image_dim) + [pa.field(c, pa.string(), nullable=False)
+                                                   for c in PRODUCT_ATTRIBUTE_FIELDS])
 
 
 def _product_fields(image_dim: int) -> list[pa.Field]:
@@ -231,7 +244,7 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             column = table.column(field.name)
             if not column.type.equals(field.type):
                 column = column.cast(field.type)
-        elif field.name in (PRODUCT_DESCRIPTION, PRODUCT_CATEGORY):
+        elif field.name in OPTIONAL_TEXT_FIELDS:
             column = pa.array([""] * table.num_rows, type=pa.string())
         elif field.name == RELEVANCE:
             column = pa.nulls(table.num_rows, type=pa.float32())

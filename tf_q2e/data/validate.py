@@ -287,6 +287,8 @@ class Validator:
         text_columns = [S.PRODUCT_ID, S.PRODUCT_TITLE, S.PRODUCT_DESCRIPTION, S.PRODUCT_CATEGORY]
         if kind == "impressions":
             text_columns = [S.QUERY, *(self.context_columns or ())] + text_columns
+        else:
+            text_columns += list(S.PRODUCT_ATTRIBUTE_FIELDS)
         for column in text_columns:
             if column in names:
                 required = column in (S.QUERY, S.PRODUCT_ID, S.PRODUCT_TITLE) or S.is_query_context(column)
@@ -312,7 +314,7 @@ class Validator:
         for f in schema:
             if f.name in columns:
                 arrays.append(columns[f.name])
-            elif f.name in (S.PRODUCT_DESCRIPTION, S.PRODUCT_CATEGORY):
+            elif f.name in S.OPTIONAL_TEXT_FIELDS:
                 arrays.append(pa.array([""] * n, type=pa.string()))
             else:  # relevance, or an image column this file lacks
                 arrays.append(pa.nulls(n, type=f.type))

@@ -1,0 +1,227 @@
+"""Listings added, changed and removed without a rebuild: incremental updates of a run's index.
+
+`update_index(run_dir, upsert=FILE, delete=FILE)` (`q2e index --run RUN
+--upsert delta.parquet --delete ids.txt`) embeds only the products of the delta
+catalogue (new ids are added, known ids replaced), removes the deleted ids, and
+writes `RUN/index/` again: the exact index (`vectors.npy`, `products.parquet`
+with the filter attributes) and the ScaNN searcher. `q2e export` then writes a
+new version from it, which the development server (and TensorFlow Serving)
+picks up as any other.
+
+How, with the pinned `scann` 1.4.2: only its pybind searcher
+(`scann_ops_pybind`) has `upsert`, `delete` and `rebalance`; the TF-op searcher
+that the SavedModels hold has none. Both are the same C++ searcher and
+serialise the same assets (ScaNN config, partitioner, tokenization, AH
+codebook and codes, float dataset), so the update goes
+
+    TF state (RUN/index/scann) -> assets -> pybind searcher -> upsert, delete
+    (-> rebalance) -> assets -> TF state -> RUN/index/scann
+
+and searching the converted state gives the pybind searcher's results (tested).
+The pybind searcher's own `serialize` writes its document ids with `pickle`
+(`scann_docids.pkl`) and `load_searcher` reads them back with `pickle.load`:
+neither is called here. The ids live in `products.parquet`, row i naming the
+searcher's datapoint i (a deletion moves the last datapoint into the freed
+slot, as the pybind searcher does).
+
+Rebalancing: new products join the partition (leaf) whose centre is nearest,
+so churn unbalances the tree and lowers recall at a fixed number of leaves
+searched. ScaNN reports `partition_weighted_avg_relative_imbalance`; the update
+rebalances (retrains the partitioner and codebook over the current products:
+about the cost of a build, without embedding) when it grew by more than
+`REBALANCE_GROWTH` over its value before the update, or always/never on request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tf_q2e.errors import InputError
+from tf_q2e.index import INDEX_DIR, embed_catalog, load_index, write_index
+
+# ScaNN's searcher state: the TF `ScannState` variables, in its constructor's order, and the asset file of each.
+STATE_FIELDS = ("scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook", "hashed_dataset",
+                "int8_dataset", "int8_multipliers", "dp_norms", "dataset")
+ASSET_FILES = {"scann_config": "scann_config.pb", "serialized_partitioner": "serialized_partitioner.pb",
+               "ah_codebook": "ah_codebook.pb", "datapoint_to_token": "datapoint_to_token.npy",
+               "hashed_dataset": "hashed_dataset.npy", "int8_dataset": "int8_dataset.npy",
+               "int8_multipliers": "int8_multipliers.npy", "dp_norms": "dp_norms.npy", "dataset": "dataset.npy"}
+# The dtype of the empty scalar a state holds for an asset its searcher does not use (no partitioner without a
+# tree, no AH data with brute force, no int8 data without int8 reordering).
+ABSENT_DTYPES = {"scann_config": tf.string, "serialized_partitioner": tf.string, "ah_codebook": tf.string,
+                 "datapoint_to_token": tf.int32, "hashed_dataset": tf.uint8, "int8_dataset": tf.int8,
+                 "int8_multipliers": tf.float32, "dp_norms": tf.float32, "dataset": tf.float32}
+IMBALANCE = "partition_weighted_avg_relative_imbalance"
+REBALANCE_GROWTH = 0.25
+REBALANCE_CHOICES = ("auto", "always", "never")
+
+
+def state_to_assets(state: tf.Module, directory: str) -> None:
+    """Writes a TF `ScannState`'s tensors as the asset files the pybind searcher loads (`scann_assets.pbtxt`
+    included). A state leaves an asset it does not use as a scalar: no file."""
+    from scann.scann_ops.py.scann_ops_pybind_backcompat import populate_and_save_assets_proto
+
+    for field in STATE_FIELDS:
+        value = getattr(state, field).numpy()
+        if np.ndim(value) == 0:
+            continue
+        path = os.path.join(directory, ASSET_FILES[field])
+        if field in ("scann_config", "serialized_partitioner", "ah_codebook"):
+            with open(path, "wb") as f:
+                f.write(value[0])
+        else:
+            np.save(path, value, allow_pickle=False)
+    populate_and_save_assets_proto(directory)
+
+
+def assets_to_state(directory: str) -> tf.Module:
+    """A TF `ScannState` of the asset files in `directory` (a state's absent asset is an empty scalar)."""
+    from scann.scann_ops.py import scann_ops
+
+    tensors = []
+    for field in STATE_FIELDS:
+        path = os.path.join(directory, ASSET_FILES[field])
+        if not os.path.exists(path):
+            tensors.append(tf.zeros([], ABSENT_DTYPES[field]))
+        elif path.endswith(".pb"):
+            with open(path, "rb") as f:
+                tensors.append(tf.constant([f.read()]))
+        else:
+            tensors.append(tf.constant(np.load(path, allow_pickle=False)))
+    return scann_ops.ScannState(tensors)
+
+
+def pybind_searcher(state: tf.Module, docids: list[str]):
+    """ScaNN's pybind searcher (it has `upsert`, `delete`, `rebalance`) of a TF state, datapoint i named
+    `docids[i]` (kept in memory only)."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    with tempfile.TemporaryDirectory(prefix="q2e-scann-") as directory:
+        state_to_assets(state, directory)
+        with open(os.path.join(directory, "scann_assets.pbtxt"), encoding="utf-8") as f:
+            native = scann_ops_pybind.scann_pybind.ScannNumpy(directory, f.read())
+    return scann_ops_pybind.ScannSearcher(native, docids=list(docids))
+
+
+class _State:
+    """What `write_index` needs of a searcher: its TF state."""
+
+    def __init__(self, state: tf.Module):
+        self.state = state
+
+    def serialize_to_module(self) -> tf.Module:
+        return self.state
+
+
+def searcher_state(searcher) -> tf.Module:
+    """The TF `ScannState` of a pybind searcher (through its asset files; never its pickled document ids)."""
+    with tempfile.TemporaryDirectory(prefix="q2e-scann-") as directory:
+        searcher.searcher.serialize(directory, False)  # the native searcher's own: no scann_docids.pkl
+        return assets_to_state(directory)
+
+
+def read_ids(path: str) -> list[str]:
+    """The product ids of a text file, one per line (blank lines skipped)."""
+    if not os.path.exists(path):
+        raise InputError(f"--delete {path}: the file does not exist")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def update_index(run_dir: str, upsert: str | None = None, delete: str | list[str] | None = None,
+                 rebalance: str = "auto", log=None) -> dict:
+    """Adds or replaces the products of the catalogue file `upsert` and removes the ids of `delete` (a file
+    of one id per line, or a list) in `RUN/index/`, embedding only the upserted products.
+
+    Returns the index metadata, whose `updates` list gains this update's counts, timings and health.
+    """
+    from tf_q2e.train import load_model
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if rebalance not in REBALANCE_CHOICES:
+        raise InputError(f"--rebalance {rebalance!r}: choose {', '.join(REBALANCE_CHOICES)}")
+    if upsert is None and delete is None:
+        raise InputError("an index update needs --upsert FILE or --delete FILE")
+    start = time.perf_counter()
+    index = load_index(run_dir)
+    deleted = (read_ids(delete) if isinstance(delete, (str, os.PathLike)) else list(delete)) if delete is not None else []
+    row_of = {str(p): i for i, p in enumerate(index.product_ids)}
+    unknown = [p for p in deleted if p not in row_of]
+    deleted = list(dict.fromkeys(p for p in deleted if p in row_of))
+    if unknown:
+        log(f"{len(unknown)} id(s) to delete are not in the index (e.g. {unknown[0]!r}): nothing to remove for them")
+
+    ids = np.zeros(0, dtype=object)
+    vectors = np.zeros((0, index.vectors.shape[1]), np.float32)
+    titles, attributes = ids, {}
+    embed_seconds = 0.0
+    if upsert is not None:
+        model = load_model(run_dir)
+        t = time.perf_counter()
+        ids, titles, vectors, attributes = embed_catalog(model, upsert, model.config.index.batch_size,
+                                                         model.config.data.on_bad_rows)
+        embed_seconds = time.perf_counter() - t
+        if vectors.shape[1] != index.vectors.shape[1]:
+            raise InputError(f"--upsert {upsert}: vectors of {vectors.shape[1]} entries for an index of "
+                             f"{index.vectors.shape[1]}")
+        both = sorted(set(deleted) & {str(p) for p in ids})
+        if both:
+            raise InputError(f"product id {both[0]!r} is both upserted ({upsert}) and deleted; give it in one of them")
+    ids = [str(p) for p in ids]
+    added = sum(p not in row_of for p in ids)
+    if len(row_of) - len(deleted) + added < 1:
+        raise InputError("the update would leave the index with no product")
+
+    t = time.perf_counter()
+    searcher = pybind_searcher(index.load_scann_state(), [str(p) for p in index.product_ids])
+    searcher.initialize_health_stats()
+    before = searcher.get_health_stats()
+    if deleted:
+        searcher.delete(deleted)
+    if ids:
+        searcher.upsert(ids, vectors, batch_size=min(len(ids), 1024))
+    after = searcher.get_health_stats()
+    grown = after.get(IMBALANCE, 0.0) - before.get(IMBALANCE, 0.0)
+    rebalanced = rebalance == "always" or (rebalance == "auto" and index.options.kind == "tree_ah"
+                                            and grown > REBALANCE_GROWTH)
+    if rebalanced:
+        searcher.rebalance()
+        after = searcher.get_health_stats()
+    state = searcher_state(searcher)
+    update_seconds = time.perf_counter() - t
+
+    # Row i of the index is the searcher's datapoint i: an upserted product's new fields, else its old ones.
+    order = list(searcher.docids)
+    new_row = {p: i for i, p in enumerate(ids)}
+    old = {name: np.asarray(values, dtype=object) for name, values in index.attributes.items()}
+
+    def pick(new_values, old_values):
+        return np.array([new_values[new_row[p]] if p in new_row else old_values[row_of[p]] for p in order], dtype=object)
+
+    new_vectors = np.stack([vectors[new_row[p]] if p in new_row else index.vectors[row_of[p]] for p in order])
+    new_titles = pick(titles, index.titles)
+    new_attributes = {name: pick(attributes.get(name, np.full(len(ids), "", dtype=object)), old[name]) for name in old}
+    meta = dict(index.meta)
+    meta["products"] = len(order)
+    meta.setdefault("updates", []).append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "upserted": len(ids), "added": int(added),
+        "replaced": len(ids) - int(added), "deleted": len(deleted), "unknown_deletes": len(unknown),
+        "rebalanced": bool(rebalanced), "embed_seconds": round(embed_seconds, 2),
+        "update_seconds": round(update_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
+        "health_before": before, "health_after": after, "upsert_file": os.path.abspath(upsert) if upsert else None})
+    meta["scann"] = dataclasses.asdict(index.options)
+    write_index(os.path.join(run_dir, INDEX_DIR), np.array(order, dtype=object), new_titles, new_vectors.astype(np.float32),
+                _State(state), meta, new_attributes)
+    log(f"updated {os.path.join(run_dir, INDEX_DIR)}: {added} added, {len(ids) - added} replaced, {len(deleted)} deleted"
+        f" -> {len(order)} products{'; rebalanced' if rebalanced else ''} in {time.perf_counter() - start:.1f} s")
+    return meta
+
+
+__all__ = ["update_index", "pybind_searcher", "searcher_state", "state_to_assets", "assets_to_state"]
