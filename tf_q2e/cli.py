@@ -4,7 +4,7 @@ Exit codes: 0 success, 2 bad usage, config or input (one clear line on stderr),
 1 any other failure.
 
 Verbs: `synth`, `prepare`, `validate`, `train`, `evaluate`, `compare`,
-`index`, `export`, `serve`, `query`.
+`index`, `mine`, `export`, `serve`, `query`.
 """
 
 from __future__ import annotations
@@ -186,6 +186,16 @@ def _update_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mine(args: argparse.Namespace) -> int:
+    from tf_q2e.mining import mine_negatives
+
+    report = mine_negatives(args.run, args.source, args.out, args.per_query, args.depth, args.margin, args.skip_top,
+                            args.sampling, args.seed)
+    print(f"wrote {report['negatives']} mined negatives of {report['queries']} training queries to {report['out']} "
+          f"({report['queries_without_negatives']} queries without any)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from tf_q2e.savedmodels import export_run
 
@@ -272,6 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebalance", choices=("auto", "always", "never"), default="auto",
                    help="with --upsert/--delete: retrain ScaNN's partitions (auto: when ScaNN's imbalance grew)")
     p.set_defaults(handler=_index)
+
+    p = verbs.add_parser("mine", help="mine hard negatives for the run's training queries (ranked high, never shown)")
+    p.add_argument("--run", required=True, help="a run directory (its data set's training split is mined)")
+    p.add_argument("--source", choices=("bm25", "index"), default="bm25",
+                   help="rank with BM25 over the catalogue, or with the run's towers over its index (default bm25)")
+    p.add_argument("--out", help="Parquet file to write (default RUN/mined_negatives.parquet)")
+    p.add_argument("--per-query", type=int, default=8, help="negatives per query at most (default 8)")
+    p.add_argument("--depth", type=int, default=100, help="candidates ranked per query (default 100)")
+    p.add_argument("--margin", type=float, default=0.95,
+                   help="drop candidates scoring >= MARGIN x the query's positive (default 0.95, NV-Retriever)")
+    p.add_argument("--skip-top", type=int, default=0, help="also drop the first N candidates left (default 0)")
+    p.add_argument("--sampling", choices=("top", "random"), default="top",
+                   help="keep the best-ranked candidates left, or a seeded random draw among them (default top)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sampling random (default 0)")
+    p.set_defaults(handler=_mine)
 
     p = verbs.add_parser("export", help="write the run's SavedModels into a TensorFlow Serving base directory")
     p.add_argument("--run", required=True, help="a trained and indexed run directory")

@@ -18,9 +18,9 @@ codebook and codes, float dataset), so the update goes
     (-> rebalance) -> assets -> TF state -> RUN/index/scann
 
 and searching the converted state gives the pybind searcher's results (tested).
-The pybind searcher's own `serialize` writes its document ids with `pickle`
-(`scann_docids.pkl`) and `load_searcher` reads them back with `pickle.load`:
-neither is called here. The ids live in `products.parquet`, row i naming the
+The pybind searcher's own `serialize` writes its document ids as a Python
+object dump (`scann_docids.pkl`) and `load_searcher` executes it back:
+neither is called here (the package never unpickles: docs/security.md). The ids live in `products.parquet`, row i naming the
 searcher's datapoint i (a deletion moves the last datapoint into the freed
 slot, as the pybind searcher does).
 
