@@ -255,6 +255,62 @@ def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_filtered_signatures_run_in_tensorflows_cpp_runtime(run, exported, tmp_path):
+    """serve_latency's fixed inputs (`inputs=`: a list of strings is a [1, M] string, an integer a [1] int32)
+    feed the filter inputs of retrieval_filtered and retrieval_exact_filtered: the C++ runtime gives Python's
+    results, within the restrict."""
+    import importlib.util
+
+    from tf_q2e.filters import Filters
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cc", "serve_latency.py")
+    spec = importlib.util.spec_from_file_location("serve_latency", path)
+    serve_latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_latency)
+    binary, why = serve_latency.build(str(tmp_path))
+    if binary is None:
+        pytest.skip(why)
+    base, _ = exported
+    stock, scann_dir = os.path.join(base, "q2e", "1"), os.path.join(base, "q2e_scann", "1")
+    index = load_index(run)
+    categories = sorted(set(index.attributes["category"]))[:2]
+    filters = Filters(categories=tuple(categories), exclude=(str(index.product_ids[0]),), max_per_category=3)
+    inputs = {"categories": list(filters.categories), "countries": [], "exclude_product_ids": list(filters.exclude),
+              "max_per_category": 3, "max_per_seller": 0}
+    signatures = {"retrieval_filtered": (scann_dir, "retrieval_filtered"),
+                  "retrieval_exact_filtered": (stock, "retrieval_exact_filtered"),
+                  "retrieval": (scann_dir, "retrieval")}  # no filter inputs: it ignores them
+    out = serve_latency.run(binary, QUERIES, signatures, str(tmp_path), context={"query_country": "US"},
+                            inputs=inputs, warmup=1, block=2, record=len(QUERIES))
+    assert {name: len(times) for name, times in out["times_ms"].items()} == {name: 4 for name in signatures}
+    import scann  # noqa: F401
+
+    category_of = dict(zip(index.product_ids, index.attributes["category"]))
+    for name, (directory, signature) in signatures.items():
+        fn = tf.saved_model.load(directory).signatures[signature]
+        for i, text in enumerate(QUERIES):
+            extra = filters.inputs(1) if name != "retrieval" else {}
+            python = fn(**_query_inputs([text]), **extra)["product_ids"].numpy()[0]
+            cc = out["outputs"][name][i]["product_ids"][0]
+            assert list(cc) == [p.decode() for p in python]
+            if name != "retrieval":
+                kept = [p for p in cc if p]
+                assert kept and all(category_of[p] in categories for p in kept) and filters.exclude[0] not in kept
+                assert max(kept.count(p) for p in kept) == 1
+                assert max([category_of[p] for p in kept].count(c) for c in categories) <= 3
+    # A missing filter input names the flag that gives it; a value serve_latency cannot pass is refused.
+    for missing, flag in (("categories", "--strings categories="), ("max_per_category", "--int32 max_per_category=")):
+        with pytest.raises(RuntimeError, match=f"needs the input `{missing}`: pass {flag}"):
+            serve_latency.run(binary, QUERIES[:1], {"retrieval_exact_filtered": (stock, "retrieval_exact_filtered")},
+                              str(tmp_path), context={"query_country": "US"}, scann=False,
+                              inputs={k: v for k, v in inputs.items() if k != missing})
+    with pytest.raises(ValueError, match="comma"):
+        serve_latency.run(binary, QUERIES[:1], signatures, str(tmp_path), inputs={"categories": ["a,b"]})
+    with pytest.raises(ValueError, match="neither"):
+        serve_latency.run(binary, QUERIES[:1], signatures, str(tmp_path), inputs={"categories": "rugs"})
+
+
+@pytest.mark.slow
 def test_short_scann_results_are_filled_not_nan(run, tmp_path):
     """A tree searched in one small leaf finds fewer than k products: the places get "" and PAD_SCORE."""
     import scann  # noqa: F401

@@ -194,22 +194,27 @@ class ScannTopK(tfrs.layers.factorized_top_k.TopK):
         indices, scores = _fill_padding(indices, scores)
         return scores, indices
 
-    def search_fetch(self, queries: tf.Tensor, fetch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def search_fetch(self, queries: tf.Tensor, fetch: tf.Tensor, share=1.0) -> tuple[tf.Tensor, tf.Tensor]:
         """`(scores, row indices)` [B, <= fetch] of ScaNN asked for `fetch` (a tensor) neighbours, its
-        reordering widened to `fetch` when that is more; padded places hold PAD_SCORE and -1."""
+        reordering widened to `fetch` when that is more and a tree's leaves searched to 1/√`share` times as
+        many (a restrict keeping that share: `tf_q2e.filters`); padded places hold PAD_SCORE and -1."""
         from scann.scann_ops.py import scann_ops
 
         pre, leaves = search_arguments(self.options)
         pre = tf.maximum(pre, fetch) if pre > 0 else tf.constant(-1)
+        if leaves > 0:
+            widened = tf.math.ceil(leaves / tf.sqrt(tf.maximum(tf.cast(share, tf.float32), 1e-6)))
+            leaves = tf.cast(tf.minimum(widened, float(self.options.num_leaves)), tf.int32)
         result = scann_ops.scann_search_batched(self.state.recreate_handle(), queries, fetch, pre, leaves, False)
         indices, scores = _fill_padding(result.indices, result.distances)
         return scores, indices
 
-    def search_filtered(self, queries: tf.Tensor, k: int, mask: tf.Tensor, crowding: tuple, product_filter,
+    def search_filtered(self, queries: tf.Tensor, k: int, filters: dict, product_filter,
                         vectors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """`(scores, row indices)` [B, k] of the products of `mask` [N], crowded by `crowding`
-        (`tf_q2e.filters.approximate_filtered_top_k`: over-fetched, or exact over `vectors` when selective)."""
-        return approximate_filtered_top_k(self.search_fetch, queries, vectors, mask, k, crowding, product_filter, PAD_SCORE)
+        """`(scores, row indices)` [B, k] of the products each query's `filters` (a `*_filtered` signature's
+        filter inputs) keep: over-fetched, or exact over `vectors` when selective
+        (`tf_q2e.filters.approximate_filtered_top_k`)."""
+        return approximate_filtered_top_k(self.search_fetch, queries, vectors, filters, k, product_filter, PAD_SCORE)
 
     def call(self, queries, k: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         k = k if k is not None else self._k

@@ -154,10 +154,7 @@ class ScannModule(tf.Module):
         def retrieval_filtered(features, filters):
             with tf.control_dependencies(check_request(filters["max_per_category"], filters["max_per_seller"])):
                 queries, query_bias = self.query_tower(features, training=False, return_bias=True)
-            mask = self.product_filter.mask(filters["categories"], filters["countries"], filters["exclude_product_ids"])
-            scores, indices = self.top_k.search_filtered(queries, self.k, mask,
-                                                         (filters["max_per_category"], filters["max_per_seller"]),
-                                                         self.product_filter, self.vectors)
+            scores, indices = self.top_k.search_filtered(queries, self.k, filters, self.product_filter, self.vectors)
             return _results(scores, indices, query_bias, self.engagement, self.top_k.identifiers, self.titles)
 
         return {"retrieval": retrieval, "retrieval_filtered": retrieval_filtered, "serving_default": retrieval}

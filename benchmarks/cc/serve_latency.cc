@@ -11,11 +11,17 @@
 //
 // Usage:
 //   serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]...
-//                 [--record N] LABEL=SAVED_MODEL_DIR:SIGNATURE ...
+//                 [--strings NAME=V1,V2,...]... [--int32 NAME=V]... [--record N]
+//                 LABEL=SAVED_MODEL_DIR:SIGNATURE ...
 //
 // QUERIES_FILE holds one query string per line. Each signature takes the string as its `query`
-// input (shape [1]); its other string inputs (query context such as `query_country`) get the
-// value of `--context NAME=VALUE`, the same in every call. The calls take turns in blocks of
+// input (shape [1]); its other inputs get a fixed value, the same in every call:
+//   --context NAME=VALUE      a [1] string (query context such as `query_country`);
+//   --strings NAME=V1,V2,...  a [1, M] string, the values split at commas (M = 0 for `NAME=`),
+//                             e.g. the allow-lists of a `*_filtered` signature (`categories`);
+//   --int32 NAME=V            a [1] int32 (e.g. `max_per_category`).
+// A signature takes the values its inputs name and ignores the others, so one run can time a
+// signature with filter inputs beside one without. The calls take turns in blocks of
 // BLOCK queries, the order of the signatures rotating from block to block (as
 // benchmarks/retrieval.py does in Python), after WARMUP queries sent to every signature.
 //
@@ -41,6 +47,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <iomanip>
@@ -71,6 +78,19 @@ struct Signature {
 tensorflow::Tensor OneString(const std::string& value) {
   tensorflow::Tensor t(tensorflow::DT_STRING, tensorflow::TensorShape({1}));
   t.flat<tensorflow::tstring>()(0) = value;
+  return t;
+}
+
+// A [1, M] string tensor of `values`.
+tensorflow::Tensor StringRow(const std::vector<std::string>& values) {
+  tensorflow::Tensor t(tensorflow::DT_STRING, tensorflow::TensorShape({1, static_cast<int64_t>(values.size())}));
+  for (size_t i = 0; i < values.size(); ++i) t.flat<tensorflow::tstring>()(i) = values[i];
+  return t;
+}
+
+tensorflow::Tensor OneInt32(int32_t value) {
+  tensorflow::Tensor t(tensorflow::DT_INT32, tensorflow::TensorShape({1}));
+  t.flat<int32_t>()(0) = value;
   return t;
 }
 
@@ -142,12 +162,38 @@ std::vector<tensorflow::Tensor> Run(const Signature& s, const std::string& text)
   return outputs;
 }
 
+// NAME=VALUE split at the first '=' (`flag` names the option in the error).
+std::pair<std::string, std::string> NameValue(const std::string& flag, const std::string& pair) {
+  const auto at = pair.find('=');
+  if (at == std::string::npos || at == 0) Fail(flag + " " + pair + ": not NAME=VALUE");
+  return {pair.substr(0, at), pair.substr(at + 1)};
+}
+
+// "a,b,c" as {"a", "b", "c"}; "" as {} (no value: a [1, 0] tensor).
+std::vector<std::string> SplitCommas(const std::string& text) {
+  std::vector<std::string> out;
+  if (text.empty()) return out;
+  size_t start = 0;
+  for (size_t comma; (comma = text.find(',', start)) != std::string::npos; start = comma + 1) {
+    out.push_back(text.substr(start, comma - start));
+  }
+  out.push_back(text.substr(start));
+  return out;
+}
+
+// How to give a missing input of `dtype` (and `rank`, -1 when unknown) on the command line.
+std::string FlagHint(const std::string& key, tensorflow::DataType dtype, int rank) {
+  if (dtype == tensorflow::DT_INT32) return "--int32 " + key + "=VALUE";
+  if (dtype == tensorflow::DT_STRING && rank == 2) return "--strings " + key + "=V1,V2,...";
+  return "--context " + key + "=VALUE";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 5) {
     Fail("usage: serve_latency QUERIES_FILE WARMUP BLOCK [--load-library OPS.so]... [--context NAME=VALUE]... "
-         "[--record N] LABEL=DIR:SIGNATURE ...");
+         "[--strings NAME=V1,V2,...]... [--int32 NAME=V]... [--record N] LABEL=DIR:SIGNATURE ...");
   }
   std::ifstream file(argv[1]);
   if (!file) Fail(std::string("cannot read ") + argv[1]);
@@ -161,6 +207,8 @@ int main(int argc, char** argv) {
   std::map<std::string, tensorflow::SavedModelBundle*> loaded;  // one bundle per directory
   std::vector<Signature> signatures;
   std::map<std::string, std::string> context;
+  std::map<std::string, std::vector<std::string>> strings;  // --strings: [1, M] string inputs
+  std::map<std::string, int32_t> int32s;                    // --int32: [1] int32 inputs
   std::vector<std::pair<std::string, std::vector<std::string>>> loaded_ops;  // library, the ops it registered
   size_t record = 1;
   for (int a = 4; a < argc; ++a) {
@@ -191,6 +239,23 @@ int main(int argc, char** argv) {
       context[pair.substr(0, at)] = pair.substr(at + 1);
       continue;
     }
+    if (arg == "--strings") {
+      if (++a == argc) Fail("--strings needs NAME=V1,V2,...");
+      const auto [key, values] = NameValue(arg, argv[a]);
+      strings[key] = SplitCommas(values);
+      continue;
+    }
+    if (arg == "--int32") {
+      if (++a == argc) Fail("--int32 needs NAME=VALUE");
+      const auto [key, value] = NameValue(arg, argv[a]);
+      char* end = nullptr;
+      const long parsed = std::strtol(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || parsed < INT32_MIN || parsed > INT32_MAX) {
+        Fail("--int32 " + key + "=" + value + ": not a 32-bit integer");
+      }
+      int32s[key] = static_cast<int32_t>(parsed);
+      continue;
+    }
     const auto eq = arg.find('='), colon = arg.rfind(':');
     if (eq == std::string::npos || colon == std::string::npos || colon < eq) Fail("not LABEL=DIR:SIGNATURE: " + arg);
     const std::string label = arg.substr(0, eq), dir = arg.substr(eq + 1, colon - eq - 1), name = arg.substr(colon + 1);
@@ -210,9 +275,16 @@ int main(int argc, char** argv) {
     Signature s{label, loaded[dir], input->second.name(), {}, {}, {}};
     for (const auto& [key, info] : def->second.inputs()) {
       if (key == "query") continue;
-      const auto value = context.find(key);
-      if (value == context.end()) Fail(dir + ":" + name + " needs the input `" + key + "`: pass --context " + key + "=VALUE");
-      s.fixed.emplace_back(info.name(), OneString(value->second));
+      if (const auto row = strings.find(key); row != strings.end()) {
+        s.fixed.emplace_back(info.name(), StringRow(row->second));
+      } else if (const auto number = int32s.find(key); number != int32s.end()) {
+        s.fixed.emplace_back(info.name(), OneInt32(number->second));
+      } else if (const auto value = context.find(key); value != context.end()) {
+        s.fixed.emplace_back(info.name(), OneString(value->second));
+      } else {
+        const int rank = info.tensor_shape().unknown_rank() ? -1 : info.tensor_shape().dim_size();
+        Fail(dir + ":" + name + " needs the input `" + key + "`: pass " + FlagHint(key, info.dtype(), rank));
+      }
     }
     for (const auto& [key, info] : def->second.outputs()) {
       if (key == "product_ids") s.product_ids = static_cast<int>(s.fetches.size());

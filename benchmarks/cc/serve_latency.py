@@ -5,7 +5,10 @@
 libraries (`tf.sysconfig`, `libtensorflow_cc.so.2`); `run(...)` sends query
 strings through signatures, one `Session::Run` per query, as TensorFlow Serving
 runs a model, and returns each call's milliseconds, the first query's product
-ids and every output of the first queries. `benchmarks/retrieval.py` times the
+ids and every output of the first queries. A signature's inputs other than
+`query` get fixed values: `context` ([1] strings, e.g. `query_country`) and
+`inputs` ([1, M] strings or [1] int32, e.g. the filter inputs of
+`retrieval_filtered`). `benchmarks/retrieval.py` and `benchmarks/filters.py` time the
 exported models with it; `tests/test_export.py` and `tests/test_export_text.py`
 check with it that the exported models, ScaNN's and a pretrained text
 encoder's included, run outside Python with the same results.
@@ -112,14 +115,19 @@ def needed_text_ops(signatures: dict[str, tuple[str, str]]) -> set[str]:
 
 def run(binary: str, texts: list[str], signatures: dict[str, tuple[str, str]], work: str,
         context: dict[str, str] | None = None, warmup: int = 5, block: int = 25, scann: bool = True,
-        text_ops: bool | None = None, record: int = 1) -> dict:
+        text_ops: bool | None = None, record: int = 1, inputs: dict | None = None) -> dict:
     """Times `signatures` ({label: (SavedModel dir, signature name)}) on `texts`, one query per call.
 
     Returns `{"times_ms": {label: [ms per call]}, "first_product_ids": {label: [ids]},
     "outputs": {label: [{output: np.ndarray}, ...]}, "loaded_ops": {library: [op, ...]}}`:
     product ids for signatures with a `product_ids` output, on `texts[0]`; every
     output of each signature on `texts[:record]`, one query per call.
-    `context` gives the other string inputs (e.g. {"query_country": "US"});
+    `context` gives the other [1] string inputs (e.g. {"query_country": "US"});
+    `inputs` gives other inputs by name: a list or tuple of strings is a
+    [1, M] string tensor (M = 0 for an empty list; e.g. {"categories":
+    ["rugs", "lamps"]}, no value may hold a comma), an integer a [1] int32
+    tensor (e.g. {"max_per_category": 3}). A signature takes the values its
+    inputs name and ignores the others; a missing one fails the run.
     `scann` loads ScaNN's op library first; `text_ops` loads tensorflow-text's
     (`text_ops_libraries`): None when a SavedModel of `signatures` uses one of
     `TEXT_OPS`, True always, False never. The query file is written in `work`.
@@ -147,6 +155,8 @@ def run(binary: str, texts: list[str], signatures: dict[str, tuple[str, str]], w
         command += ["--load-library", library]
     for name, value in (context or {}).items():
         command += ["--context", f"{name}={value}"]
+    for name, value in (inputs or {}).items():
+        command += _input_flag(name, value)
     command += [f"{label}={path}:{name}" for label, (path, name) in signatures.items()]
     done = subprocess.run(command, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode:
@@ -155,6 +165,25 @@ def run(binary: str, texts: list[str], signatures: dict[str, tuple[str, str]], w
     out["outputs"] = {label: [{name: _array(tensor) for name, tensor in outputs.items()} for outputs in calls]
                       for label, calls in out["outputs"].items()}
     return out
+
+
+def _input_flag(name: str, value) -> list[str]:
+    """serve_latency's flag for a fixed input: `--strings NAME=V1,V2` ([1, M] string) for a list or
+    tuple of strings, `--int32 NAME=V` ([1] int32) for an integer."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"input {name}: {value!r} is a bool, not a list of strings or an integer")
+    if isinstance(value, (int, np.integer)):
+        if not -2**31 <= int(value) < 2**31:
+            raise ValueError(f"input {name}: {value} does not fit int32")
+        return ["--int32", f"{name}={int(value)}"]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        bad = next((v for v in value if "," in v or "\n" in v or "\r" in v), None)
+        if bad is not None:
+            raise ValueError(f"input {name}: {bad!r} holds a comma or a line break; serve_latency splits at commas")
+        if any(v == "" for v in value) and len(value) == 1:
+            raise ValueError(f"input {name}: [''] cannot be told from []; give [] for no value")
+        return ["--strings", f"{name}={','.join(value)}"]
+    raise ValueError(f"input {name}: {value!r} is neither a list of strings ([1, M] string) nor an integer ([1] int32)")
 
 
 def _array(tensor: dict | None):
