@@ -222,10 +222,9 @@ def test_the_tree_assigns_leaves_with_the_configured_avq():
         assert (partitioning.avq if partitioning.HasField("avq") else None) == avq
 
 
-@pytest.mark.slow
-def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
-    """As TensorFlow Serving runs them: tensorflow::LoadSavedModel and Session::Run, ScaNN's op library
-    loaded with TF_LoadLibrary (benchmarks/cc/serve_latency.cc), with Python's top k."""
+def _serve_latency(tmp_path):
+    """benchmarks/cc/serve_latency.py and its program built in `tmp_path` (the test is skipped, saying why,
+    without a C++ compiler)."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cc", "serve_latency.py")
@@ -235,6 +234,14 @@ def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
     binary, why = serve_latency.build(str(tmp_path))
     if binary is None:
         pytest.skip(why)
+    return serve_latency, binary
+
+
+@pytest.mark.slow
+def test_exported_models_run_in_tensorflows_cpp_runtime(exported, tmp_path):
+    """As TensorFlow Serving runs them: tensorflow::LoadSavedModel and Session::Run, ScaNN's op library
+    loaded with TF_LoadLibrary (benchmarks/cc/serve_latency.cc), with Python's top k."""
+    serve_latency, binary = _serve_latency(tmp_path)
     base, _ = exported
     stock, scann_dir = os.path.join(base, "q2e", "1"), os.path.join(base, "q2e_scann", "1")
     out = serve_latency.run(binary, QUERIES, {"retrieval": (scann_dir, "retrieval"),
@@ -259,17 +266,9 @@ def test_filtered_signatures_run_in_tensorflows_cpp_runtime(run, exported, tmp_p
     """serve_latency's fixed inputs (`inputs=`: a list of strings is a [1, M] string, an integer a [1] int32)
     feed the filter inputs of retrieval_filtered and retrieval_exact_filtered: the C++ runtime gives Python's
     results, within the restrict."""
-    import importlib.util
-
     from tf_q2e.filters import Filters
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cc", "serve_latency.py")
-    spec = importlib.util.spec_from_file_location("serve_latency", path)
-    serve_latency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve_latency)
-    binary, why = serve_latency.build(str(tmp_path))
-    if binary is None:
-        pytest.skip(why)
+    serve_latency, binary = _serve_latency(tmp_path)
     base, _ = exported
     stock, scann_dir = os.path.join(base, "q2e", "1"), os.path.join(base, "q2e_scann", "1")
     index = load_index(run)
