@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", metavar="FILE", help="update the run's index: remove the product ids of this file "
                    "(one per line)")
     p.add_argument("--rebalance", choices=("auto", "always", "never"), default="auto",
-                   help="with --upsert/--delete: retrain ScaNN's partitions (auto: when ScaNN's imbalance grew)")
+                   help="with --upsert/--delete: retrain ScaNN's partitions (auto: after 20%% churn since they were trained)")
     p.set_defaults(handler=_index)
 
     p = verbs.add_parser("mine", help="mine hard negatives for the run's training queries (ranked high, never shown)")
