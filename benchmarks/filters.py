@@ -116,9 +116,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -140,8 +138,8 @@ from tf_q2e.train import build_model  # noqa: E402
 
 from cc import serve_latency  # noqa: E402  (benchmarks/cc/serve_latency.py, next to this script)
 from retrieval import (  # noqa: E402  (benchmarks/retrieval.py, next to this script)
-    QUERY_CHUNK, encode_queries, id_recall, in_process_call, interleaved_latencies, log, make_catalogue, make_queries,
-    peak_rss_mb, percentile, write_run,
+    QUERY_CHUNK, add_work_arguments, encode_queries, id_recall, in_process_call, interleaved_latencies, log,
+    make_catalogue, make_queries, peak_rss_mb, percentile, run_in_work_dir, write_json, write_run,
 )
 
 K = 100
@@ -588,10 +586,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-queries", type=int, default=300, help="single-query calls per signature and restrict")
     parser.add_argument("--topics", type=int, default=2000, help="clusters of the catalogue")
     parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
-    parser.add_argument("--out", help="work directory (must be new or empty; default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_work_arguments(parser)
     parser.add_argument("--no-cc", action="store_true", help="time in Python instead of the C++ runtime (needs g++ or $CXX)")
     parser.add_argument("--no-correlated", action="store_true", help="skip the correlated stress restrict")
     parser.add_argument("--retime", metavar="DIR",
@@ -608,29 +603,14 @@ def main(argv=None) -> int:
               f"{figures['setup']['load_average_end']} at end")
         print_latency(figures)
         print_targets(figures)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(figures, f, indent=2)
+        write_json(args.json, figures)
         return 0 if all(t["pass"] for t in figures["targets"].values()) else 1
     if args.products < 10_000 or args.queries < 10 or args.latency_queries < 10:
         parser.error("--products >= 10000 (a 1% restrict keeps 100), --queries >= 10 and --latency-queries >= 10")
-    if args.out and os.path.exists(args.out) and os.listdir(args.out):
-        parser.error(f"--out {args.out} is not empty (it is removed at the end unless --keep)")
-    work = args.out or tempfile.mkdtemp(prefix="q2e-filters-bench-")
-    os.makedirs(work, exist_ok=True)
-    wall = time.perf_counter()
-    try:
-        figures = run(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    figures["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    figures = run_in_work_dir(parser, args, run, "q2e-filters-bench-")
     figures["setup"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    figures["work_dir"] = work if args.keep else f"{work} (removed)"
     print_report(figures)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0 if all(t["pass"] for t in figures["targets"].values()) else 1
 
 

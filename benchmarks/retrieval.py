@@ -418,6 +418,39 @@ def grpc_benchmark(base: str, texts: list[str], reference: dict[str, np.ndarray]
 # -- main ----------------------------------------------------------------------------------------
 
 
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    """The work-directory and output flags of every catalogue-scale benchmark: --out, --keep, --json, --seed."""
+    parser.add_argument("--out", help="work directory (must be new or empty; default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_in_work_dir(parser: argparse.ArgumentParser, args, run, prefix: str) -> dict:
+    """`run(args, work)` in `args.out` (which must be new or empty) or a new temporary directory, removed at
+    the end unless `--keep`; the figures gain `wall_seconds` and `work_dir`."""
+    if args.out and os.path.exists(args.out) and os.listdir(args.out):
+        parser.error(f"--out {args.out} is not empty (it is removed at the end unless --keep)")
+    work = args.out or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    wall = time.perf_counter()
+    try:
+        figures = run(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figures["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    figures["work_dir"] = work if args.keep else f"{work} (removed)"
+    return figures
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """The figures as JSON to `path` (--json), when given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(figures, f, indent=2)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=1_000_000)
@@ -426,10 +459,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-queries", type=int, default=300, help="single-query calls per signature")
     parser.add_argument("--topics", type=int, default=2000, help="clusters of the catalogue")
     parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
-    parser.add_argument("--out", help="work directory (must be new or empty; default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_work_arguments(parser)
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC server part")
     parser.add_argument("--no-cc", action="store_true", help="skip the C++ runtime part (needs g++ or $CXX)")
     parser.add_argument("--text-encoder", choices=("none", "minilm"), default="none",
@@ -446,23 +476,10 @@ def main(argv=None) -> int:
         parser.error("--query-layers, --max-tokens and --pretrained-weight need --text-encoder minilm")
     if args.products < 1000 or args.queries < 10 or args.latency_queries < 10:
         parser.error("--products >= 1000, --queries >= 10 and --latency-queries >= 10")
-    if args.out and os.path.exists(args.out) and os.listdir(args.out):
-        parser.error(f"--out {args.out} is not empty (it is removed at the end unless --keep)")
-    work = args.out or tempfile.mkdtemp(prefix="q2e-retrieval-bench-")
-    os.makedirs(work, exist_ok=True)
-    wall = time.perf_counter()
-    try:
-        figures = run(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    figures["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    figures = run_in_work_dir(parser, args, run, "q2e-retrieval-bench-")
     figures["setup"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
-    figures["work_dir"] = work if args.keep else f"{work} (removed)"
     print_report(figures)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0 if all(t["pass"] for t in figures["targets"].values()) else 1
 
 

@@ -92,11 +92,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -121,7 +119,8 @@ from tf_q2e.train import build_model  # noqa: E402
 
 # benchmarks/retrieval.py, next to this script: its synthetic catalogue, queries and run directory.
 from retrieval import (  # noqa: E402
-    current_rss_mb, encode_queries, log, make_catalogue, make_queries, peak_rss_mb, write_run,
+    add_work_arguments, current_rss_mb, encode_queries, log, make_catalogue, make_queries, peak_rss_mb,
+    run_in_work_dir, write_json, write_run,
 )
 
 K = 100
@@ -378,10 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rebuild-sample", type=int, default=0,
                         help="embed only this many products in the rebuild and extrapolate (0: embed all)")
     parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
-    parser.add_argument("--out", help="work directory (must be new or empty; default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_work_arguments(parser)
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.modes) <= set(MODES) or not args.modes:
@@ -390,24 +386,11 @@ def main(argv=None) -> int:
         parser.error("--products >= 10000, --queries >= 10, 2 <= --delta <= products / 2")
     if not 0 < args.churn < 1 or args.churn_steps < 1:
         parser.error("0 < --churn < 1 and --churn-steps >= 1")
-    if args.out and os.path.exists(args.out) and os.listdir(args.out):
-        parser.error(f"--out {args.out} is not empty (it is removed at the end unless --keep)")
-    work = args.out or tempfile.mkdtemp(prefix="q2e-updates-bench-")
-    os.makedirs(work, exist_ok=True)
-    wall = time.perf_counter()
-    try:
-        figures = run(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    figures["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    figures = run_in_work_dir(parser, args, run, "q2e-updates-bench-")
     figures["setup"]["load_average_1min_end"] = load_average()
     figures["setup"]["process_peak_rss_mb"] = round(peak_rss_mb())
-    figures["work_dir"] = work if args.keep else f"{work} (removed)"
     print_report(figures)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0 if all(t["pass"] for t in figures["targets"].values()) else 1
 
 
