@@ -215,8 +215,7 @@ class ProductFilter(tf.Module):
         return hits > 0
 
     def _allowed(self, attribute: str, values: tf.Tensor) -> tf.Tensor:
-        allowed = self._scatter(self.tables[attribute].lookup(values), values, self.vocabulary_sizes[attribute])  # [B, V]
-        given = tf.reduce_any(tf.strings.length(values) > 0, axis=1)  # [B] an allow-list at all
+        allowed, given = self._flags(attribute, values)  # [B, V], [B]
         return tf.logical_or(tf.logical_not(given)[:, tf.newaxis], tf.gather(allowed, self.codes[attribute], axis=1))
 
     def _flags(self, attribute: str, values: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -346,10 +345,12 @@ def is_crowded(crowding: tuple) -> tf.Tensor:
     return tf.reduce_any(tf.logical_or(crowding[0] > 0, crowding[1] > 0))
 
 
-def exact_filtered_top_k(queries: tf.Tensor, vectors: tf.Tensor, mask: tf.Tensor, k: int, crowding: tuple,
-                         product_filter: ProductFilter, pad_score: float) -> tuple[tf.Tensor, tf.Tensor]:
-    """`(scores, indices)` [B, k] of brute-force search over each query's products of `mask` [B, N],
-    crowded by `crowding` = (max_per_category, max_per_seller) [B]."""
+def exact_filtered_top_k(queries: tf.Tensor, vectors: tf.Tensor, filters: dict, k: int, product_filter: ProductFilter,
+                         pad_score: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(scores, indices)` [B, k] of brute-force search over the products each query's `filters` (a
+    `*_filtered` signature's filter inputs) keep: its `mask` [B, N], crowded by its limits [B]."""
+    mask = product_filter.mask(filters["categories"], filters["countries"], filters["exclude_product_ids"])
+    crowding = (filters["max_per_category"], filters["max_per_seller"])
     scores = tf.matmul(queries, vectors, transpose_b=True)  # [B, N]
     scores = tf.where(mask, scores, tf.constant(-np.inf, scores.dtype))
 

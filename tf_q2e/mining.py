@@ -79,13 +79,20 @@ class _Ranker:
         index = load_index(run_dir)  # a clear error when q2e index has not run
         retriever = Retriever.from_index(load_model(run_dir), index, scann=False)
         row = {str(p): i for i, p in enumerate(index.product_ids)}
+        encoded: dict[str, np.ndarray] = {}  # each query's vector, encoded once for its positives and its search
+
+        def query_vectors(queries):
+            new = [q for q in dict.fromkeys(queries) if q not in encoded]
+            if new:
+                encoded.update(zip(new, retriever.encode_queries(new)))
+            return np.stack([encoded[q] for q in queries])
 
         def search(queries, depth):
-            scores, rows = exact_top_k(index.vectors, retriever.encode_queries(list(queries)), depth)
+            scores, rows = exact_top_k(index.vectors, query_vectors(list(queries)), depth)
             return index.product_ids[rows], scores
 
         def score(queries, ids):
-            vectors = retriever.encode_queries(list(queries))
+            vectors = query_vectors(list(queries))
             missing = [p for p in ids if p not in row]
             if missing:
                 raise InputError(f"product id {missing[0]!r} of the training split is not in the run's index")

@@ -116,10 +116,7 @@ class StockModule(tf.Module):
         def retrieval_exact_filtered(features, filters):
             with tf.control_dependencies(check_request(filters["max_per_category"], filters["max_per_seller"])):
                 queries, query_bias = self.query_tower(features, training=False, return_bias=True)
-            mask = self.product_filter.mask(filters["categories"], filters["countries"], filters["exclude_product_ids"])
-            scores, indices = exact_filtered_top_k(queries, self.vectors, mask, self.k,
-                                                   (filters["max_per_category"], filters["max_per_seller"]),
-                                                   self.product_filter, PAD_SCORE)
+            scores, indices = exact_filtered_top_k(queries, self.vectors, filters, self.k, self.product_filter, PAD_SCORE)
             return _results(scores, indices, query_bias, self.engagement, self.product_ids, self.titles)
 
         return {"query_encoder": query_encoder, "product_encoder": product_encoder,

@@ -289,9 +289,7 @@ class Retriever:
         k = min(k, len(self.product_ids))
         if self._scann is not None:
             return self._scann.search_filtered(queries, k, inputs, product_filter, vectors)
-        mask = product_filter.mask(inputs["categories"], inputs["countries"], inputs["exclude_product_ids"])
-        crowding = (inputs["max_per_category"], inputs["max_per_seller"])
-        return exact_filtered_top_k(queries, vectors, mask, k, crowding, product_filter, PAD_SCORE)
+        return exact_filtered_top_k(queries, vectors, inputs, k, product_filter, PAD_SCORE)
 
     def export(self, base: str, name: str = "q2e", k: int | None = None, scann: bool | None = None, log=None) -> dict:
         """Writes this retriever's model and products for TensorFlow Serving (`tf_q2e.savedmodels.export`):
