@@ -62,6 +62,9 @@ def test_mined_negatives_are_never_shown_for_their_query_and_score_below_the_mar
 
 
 def test_mining_is_deterministic_for_a_seed(run, tmp_path):
+    import tf_q2e
+
+    assert tf_q2e.mine_negatives is mine_negatives  # the public name of what q2e mine runs
     run_dir, _ = run
     paths = [str(tmp_path / f"{i}.parquet") for i in range(3)]
     for path, seed in zip(paths, (3, 3, 4)):

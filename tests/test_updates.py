@@ -158,6 +158,7 @@ def test_a_replaced_product_takes_its_new_text_and_20_percent_churn_keeps_recall
 
 
 def test_q2e_index_upsert_then_export_serves_the_new_product(run, trained, tmp_path, capsys):
+    assert tf_q2e.update_index is update_index  # the public name of what the command runs
     source = findable(run, catalogue(trained[1]))
     source.assign(product_id="new-2").to_parquet(tmp_path / "delta.parquet")
     assert main(["index", "--run", run, "--upsert", str(tmp_path / "delta.parquet")]) == 0

@@ -15,6 +15,9 @@ The public API (each name imported on first use, so `import tf_q2e` stays fast):
     search       Retriever.from_model / from_run / from_saved_model; .search(texts, k, filters=None) -> Hit
                  lists; Filters (allow-lists, excluded ids, crowding at lookup time)
     serving      export(retriever, base_dir): SavedModels in TensorFlow Serving's layout
+    runs         update_index(run_dir, upsert=file, delete=ids): products added, replaced and removed
+                 without a rebuild; mine_negatives(run_dir, source): hard negatives of the training
+                 queries (what `q2e index --upsert/--delete` and `q2e mine` run)
 
 Example (a user's own training script: examples/fit.py):
     import tf_q2e
@@ -92,6 +95,8 @@ _PUBLIC = {
     "Hit": "tf_q2e.search",
     "Filters": "tf_q2e.filters",
     "export": "tf_q2e.savedmodels",
+    "update_index": "tf_q2e.updates",
+    "mine_negatives": "tf_q2e.mining",
 }
 
 __all__ = ["__version__", "data", *_PUBLIC]
