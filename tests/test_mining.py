@@ -90,3 +90,27 @@ def test_q2e_mine_writes_the_run_file_and_needs_an_index_for_index(run, tmp_path
     assert os.path.exists(os.path.join(run_dir, "mined_negatives.parquet"))
     assert main(["mine", "--run", str(tmp_path), "--source", "index"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_q2e_train_adds_the_mined_negatives_and_runs_the_curriculum(run, tmp_path, capsys, monkeypatch):
+    import json
+
+    import yaml
+
+    run_dir, data = run
+    out = str(tmp_path / "neg.parquet")
+    mine_negatives(run_dir, "bm25", out, per_query=4, log=lambda _: None)
+    trained = str(tmp_path / "mined_run")
+    monkeypatch.chdir(tmp_path)  # the file is given relative: the run records it absolute
+    assert main(["train", "--data", data, "--out", trained, *[a for o in SMALL for a in ("--set", o)],
+                 "--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set", "data.mined_negatives=neg.parquet",
+                 "--set", "model.mined_negatives_per_row=2", "--set", "model.hard_negative_weight=0.5"]) == 0
+    assert "negatives of" in capsys.readouterr().err
+    with open(os.path.join(trained, "config.yaml"), encoding="utf-8") as f:
+        assert yaml.safe_load(f)["data"]["mined_negatives"] == out
+    with open(os.path.join(trained, "history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    assert all(np.isfinite(history["contrastive_loss"])) and history["hard_negative_loss"][1] > 0
+    assert main(["train", "--data", data, "--out", str(tmp_path / "bad_run"), "--set", "train.epochs=1",
+                 "--set", "data.mined_negatives=missing.parquet"]) == 2
+    assert "missing.parquet does not exist" in capsys.readouterr().err

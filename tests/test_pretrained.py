@@ -353,7 +353,7 @@ def test_the_pretrained_channel_adds_beta_times_the_encoders_cosine_to_the_dot_p
         load_config(None, ["model.pretrained_weight=1"])
     # The engagement task scores the unit vectors and the channel; the contrastive task the unit vectors alone.
     batch = {**rows, "product_id": tf.constant(["a", "b"]), "engaged": tf.constant([1, 0])}
-    ctr, _ = model.task_losses(batch)
+    ctr, _, _ = model.task_losses(batch)
     expected = model.retrieval(q[:, :16], p[:, :16], product_ids=batch["product_id"]).loss
     np.testing.assert_allclose(ctr.numpy(), expected.numpy(), rtol=1e-5)
     model.compile(optimizer=tf_q2e.SparseAdam(1e-3))

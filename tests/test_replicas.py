@@ -42,3 +42,11 @@ def test_two_replicas_equal_one_device_with_the_engagement_tables_of_the_term_ch
     assert out["replicas"] == 2
     assert abs(out["loss_single"] - out["loss_replicas"]) < 1e-4 * abs(out["loss_single"])
     assert out["max_gradient_difference"] < 1e-4 * out["max_gradient"]
+
+
+def test_two_replicas_equal_one_device_with_mined_negatives_and_the_hardest_negative_loss():
+    # Mined products are gathered across replicas like the batch's own: every row sees all 16.
+    out = _run("mined", "model.hard_negative_weight=0.5", "model.hard_negative_from_epoch=0")
+    assert out["replicas"] == 2
+    assert abs(out["loss_single"] - out["loss_replicas"]) < 1e-4 * abs(out["loss_single"])
+    assert out["max_gradient_difference"] < 1e-4 * out["max_gradient"]

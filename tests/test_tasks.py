@@ -85,6 +85,61 @@ def test_large_scale_does_not_overflow_in_float16(vectors):
     assert out.loss.dtype == tf.float32 and np.isfinite(out.loss.numpy())
 
 
+def _extra_reference(q, d, e, scale, ids, extra_ids, valid):
+    """Row losses of the softmax over [in-batch d | extra e] with padding and accidental hits masked."""
+    logits = scale * np.concatenate([q @ d.T, q @ e.T], axis=1).astype(np.float64)
+    n = len(q)
+    for i in range(n):
+        for j in range(n):
+            if j != i and ids[j] == ids[i]:
+                logits[i, j] = -np.inf
+        for k in range(len(e)):
+            if not valid[k] or extra_ids[k] == ids[i]:
+                logits[i, n + k] = -np.inf
+    top = logits.max(1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    return -log_softmax[np.arange(n), np.arange(n)], logits
+
+
+def test_extra_negatives_are_masked_columns_of_every_rows_softmax(vectors):
+    q, d = vectors
+    e = _unit(np.random.default_rng(5).normal(size=(5, 3))).astype(np.float32)
+    ids, extra_ids = np.array([b"a", b"b", b"c", b"d"]), np.array([b"x", b"b", b"y", b"", b"z"])
+    valid = extra_ids != b""
+    rows, logits = _extra_reference(q, d, e, 20.0, ids, extra_ids, valid)
+    out = ScaledSoftmaxRetrieval(20.0)(q, d, product_ids=tf.constant(ids), extra_embeddings=e,
+                                      extra_ids=tf.constant(extra_ids), extra_valid=tf.constant(valid))
+    np.testing.assert_allclose(out.row_losses.numpy(), rows, rtol=1e-5, atol=2e-6)
+    plain = ScaledSoftmaxRetrieval(20.0)(q, d, product_ids=tf.constant(ids))
+    assert np.all(out.row_losses.numpy() > plain.row_losses.numpy())  # more negatives, higher loss
+    # The padding slot and row 1's own product (extra "b") are masked: moving them changes nothing.
+    moved = e.copy()
+    moved[[1, 3]] = q[1]
+    again = ScaledSoftmaxRetrieval(20.0)(q, d, product_ids=tf.constant(ids), extra_embeddings=moved,
+                                        extra_ids=tf.constant(extra_ids), extra_valid=tf.constant(valid))
+    np.testing.assert_allclose(again.row_losses.numpy()[1], rows[1], rtol=1e-5)
+    # The in-batch recall@1 ignores the extra columns.
+    np.testing.assert_array_equal(out.hits_at_1.numpy(), plain.hits_at_1.numpy())
+
+
+def test_margin_loss_is_on_the_hardest_unmasked_negative(vectors):
+    q, d = vectors
+    e = _unit(np.random.default_rng(6).normal(size=(3, 3))).astype(np.float32)
+    ids, extra_ids = np.array([b"a", b"a", b"c", b"d"]), np.array([b"x", b"c", b""])
+    valid = extra_ids != b""
+    out = ScaledSoftmaxRetrieval(20.0, margin=0.2)(q, d, product_ids=tf.constant(ids), extra_embeddings=e,
+                                                  extra_ids=tf.constant(extra_ids), extra_valid=tf.constant(valid))
+    _, logits = _extra_reference(q, d, e, 1.0, ids, extra_ids, valid)
+    cosines = np.concatenate([q @ d.T, q @ e.T], axis=1)
+    expected = []
+    for i in range(4):
+        negatives = [j for j in range(7) if j != i and np.isfinite(logits[i, j])]
+        assert 4 + 2 not in negatives and (i != 2 or 4 + 1 not in negatives)  # padding; row 2's own "c"
+        expected.append(max(0.0, 0.2 - cosines[i, i] + cosines[i, negatives].max()))
+    np.testing.assert_allclose(out.margin_losses.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert max(expected) > 0
+
+
 def _bce_reference(q, d, engaged, scale, bias=0.0):
     logits = scale * (q * d).sum(1) + bias
     labelled = engaged >= 0

@@ -78,7 +78,7 @@ def test_the_contrastive_task_trains_on_the_cosine_alone():
     config = load_config(None, SMALL + ["model.term_dim=64", "model.term_weight=1"])
     model = build_model(config, 0, ("query_country",))
     q, p = model(batch)
-    ctr, bce = model.task_losses(batch)
+    ctr, bce, _ = model.task_losses(batch)
     d = config.model.embedding_dim
     expected = model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"])
     np.testing.assert_allclose(ctr.numpy(), expected.loss.numpy(), rtol=1e-5)
@@ -133,7 +133,7 @@ def test_the_engagement_task_alone_trains_the_word_weights(weight):
     batch, config, model = _tiny_model(weight, ["model.term_weight=1", "model.term_weights=engagement"])
     q, p = model(batch)
     d = config.model.embedding_dim
-    ctr, bce = model.task_losses(batch)
+    ctr, bce, _ = model.task_losses(batch)
     # The contrastive task scores with the cosine, the engagement task with the whole dot product.
     np.testing.assert_allclose(ctr.numpy(), model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"]).loss.numpy(),
                                rtol=1e-5)
@@ -181,7 +181,7 @@ def test_the_engagement_task_alone_trains_the_query_bias(weight):
     q, p = model(batch)
     assert p.shape[1] == d + 64  # vectors are D + K; the bias is the query tower's second output
     _, b = model.query_tower(batch, return_bias=True)
-    ctr, bce = model.task_losses(batch)
+    ctr, bce, _ = model.task_losses(batch)
     np.testing.assert_allclose(bce.numpy(), model.engagement(q, p, batch["engaged"], query_bias=b).loss.numpy(), rtol=1e-5)
     np.testing.assert_allclose(ctr.numpy(), model.retrieval(q[:, :d], p[:, :d], product_ids=batch["product_id"]).loss.numpy(),
                                rtol=1e-5)

@@ -10,7 +10,10 @@ The public API (each name imported on first use, so `import tf_q2e` stays fast):
                  encodes each text once before fit);
                  QueryTower, ProductTower, ScaledSoftmaxRetrieval, EngagementBCE;
                  SparseAdam (lazy Adam for the hashed tables), EarlyStopping (falls back to
-                 val_recall_at_1 when the engagement metrics are NaN: a click-only log)
+                 val_recall_at_1 when the engagement metrics are NaN: a click-only log),
+                 HardNegativeCurriculum (Que2Search's stage 2 from model.hard_negative_from_epoch);
+                 tf_q2e.data.with_mined_negatives(batches, file, catalog, per_row) adds `q2e mine`'s
+                 negatives to training batches
     saving       save(model, dir), load(dir)
     search       Retriever.from_model / from_run / from_saved_model; .search(texts, k, filters=None) -> Hit
                  lists; Filters (allow-lists, excluded ids, crowding at lookup time)
@@ -89,6 +92,7 @@ _PUBLIC = {
     "EngagementBCE": "tf_q2e.tasks",
     "SparseAdam": "tf_q2e.optimizers",
     "EarlyStopping": "tf_q2e.callbacks",
+    "HardNegativeCurriculum": "tf_q2e.callbacks",
     "save": "tf_q2e.saving",
     "load": "tf_q2e.saving",
     "Retriever": "tf_q2e.search",

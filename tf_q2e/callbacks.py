@@ -60,3 +60,21 @@ class EarlyStopping(tf.keras.callbacks.EarlyStopping):
         self.min_delta = abs(self.min_delta) * (1 if self.monitor_op == np.greater else -1)
         self.best = np.inf if self.monitor_op == np.less else -np.inf
         self.wait = 0
+
+
+class HardNegativeCurriculum(tf.keras.callbacks.Callback):
+    """Switches on Que2Search's curriculum stage 2 (`model.hard_negative_weight`, the margin loss on each
+    row's hardest negative) at the start of epoch `from_epoch` (0-based; None = the model's
+    `model.hard_negative_from_epoch`), and off before it, so a resumed run gets the right stage.
+
+    Example:
+        model.fit(train, epochs=4, callbacks=[tf_q2e.HardNegativeCurriculum()])
+    """
+
+    def __init__(self, from_epoch: int | None = None):
+        super().__init__()
+        self.from_epoch = from_epoch
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        start = self.model.config.model.hard_negative_from_epoch if self.from_epoch is None else self.from_epoch
+        self.model.hard_negative_switch.assign(float(epoch >= start))

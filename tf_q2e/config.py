@@ -46,6 +46,10 @@ class DataConfig:
         a random subset of the product's title words (contrastive positives
         without an engagement label; `tf_q2e.data.pseudo_queries`); 0 = none.
         Helps small logs, where most products were never reached by a query.
+      mined_negatives: a Parquet file of mined hard negatives (`q2e mine`):
+        each training row gets `model.mined_negatives_per_row` of its query's
+        mined products as extra negatives of the in-batch softmax
+        (`tf_q2e.data.mined`); null = none.
     """
 
     dir: str | None = None
@@ -53,6 +57,7 @@ class DataConfig:
     quarantine_dir: str | None = None
     image_dim: int | None = None
     pseudo_queries: int = 0
+    mined_negatives: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,20 @@ class ModelConfig:
       remove_accidental_hits: mask in-batch negatives that are the positive's product.
       cross_replica_negatives: gather product vectors from all replicas so each
         query sees the whole global batch as negatives.
+      mined_negatives_per_row: with `data.mined_negatives`, mined products
+        drawn per training row (a new draw every step); the product tower
+        embeds them and they join the softmax of every row of the global
+        batch as extra columns, never as positives nor in the engagement task.
+      hard_negative_weight: w of Que2Search's curriculum stage 2, a margin
+        loss on each row's hardest negative (the highest cosine among the
+        in-batch and mined negatives not masked): L += w·mean_i max(0, m −
+        cos(q_i, d_i) + max_j cos(q_i, d_j)); 0 = off.
+      hard_negative_margin: m of that loss (Que2Search: 0.1 to 0.2).
+      hard_negative_from_epoch: the first epoch (0-based) of stage 2: the
+        loss is off before it, so the softmax converges first. `q2e train`
+        switches it; a user's own `fit` passes
+        `tf_q2e.HardNegativeCurriculum()` among its callbacks (without it,
+        the loss is on from the start only when this is 0).
     """
 
     embedding_dim: int = 64
@@ -256,6 +275,10 @@ class ModelConfig:
     encoder_lr_multiplier: float = 0.3
     remove_accidental_hits: bool = True
     cross_replica_negatives: bool = True
+    mined_negatives_per_row: int = 2
+    hard_negative_weight: float = 0.0
+    hard_negative_margin: float = 0.1
+    hard_negative_from_epoch: int = 1
 
 
 @dataclass(frozen=True)
@@ -413,6 +436,17 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"data.image_dim ({cfg.data.image_dim}) must be null (as in the data), 0 (none) or positive")
     if cfg.data.pseudo_queries < 0:
         raise ConfigError(f"data.pseudo_queries ({cfg.data.pseudo_queries}) must be 0 (none) or more rows per product")
+    m = cfg.model
+    if m.mined_negatives_per_row < 1:
+        raise ConfigError(f"model.mined_negatives_per_row ({m.mined_negatives_per_row}) must be at least 1 (to train "
+                          "without mined negatives, set data.mined_negatives: null)")
+    if m.hard_negative_weight < 0:
+        raise ConfigError(f"model.hard_negative_weight ({m.hard_negative_weight}) must be 0 (off) or more")
+    if not 0 <= m.hard_negative_margin <= 2:
+        raise ConfigError(f"model.hard_negative_margin ({m.hard_negative_margin}) must be in [0, 2] (a margin of "
+                          "cosines; Que2Search used 0.1 to 0.2)")
+    if m.hard_negative_from_epoch < 0:
+        raise ConfigError(f"model.hard_negative_from_epoch ({m.hard_negative_from_epoch}) must be 0 (from the start) or more")
     for name in ("epochs", "steps_per_epoch", "validation_steps", "num_devices", "steps_per_execution"):
         value = getattr(t, name)
         if value is not None and value < 1:

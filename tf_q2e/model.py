@@ -17,6 +17,14 @@ is then the contrastive loss alone.
 λ = 0 (`model.engagement_weight: 0`) is the contrastive-only, Que2Search-style
 baseline from the same code.
 
+Two options add to the contrastive task (issue 19): mined hard negatives
+(`data.mined_negatives`: a training batch then carries `MINED` products, which
+the product tower embeds as extra softmax columns) and Que2Search's curriculum
+stage 2 (`model.hard_negative_weight` w > 0): L += w·L_hard, a margin loss on
+each row's hardest negative, from epoch `model.hard_negative_from_epoch` on
+(`HardNegativeCurriculum` switches it; `fit` logs `hard_negative_loss`, which
+the logged `loss` leaves out).
+
 `train_step` replaces `tfrs.Model`'s to add loss scaling for float16 mixed
 precision, to keep the BCE's gradient out of the embedding tables when
 `model.engagement_trains_tables` is false (a second backward pass, of L_ctr
@@ -38,8 +46,9 @@ import tensorflow_recommenders as tfrs
 
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
+from tf_q2e.data.mined import MINED
 from tf_q2e.features import TextHasher
-from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval
+from tf_q2e.tasks import EngagementBCE, ScaledSoftmaxRetrieval, global_sum
 from tf_q2e.towers import EmbeddingBag, ProductTower, QueryTower, TextModality, channel_in_training, engagement_width
 
 # Buckets of the engagement AUC metric over (1 + tanh(score / span)) / 2, in (0, 1).
@@ -96,7 +105,8 @@ class Que2EngageModel(tfrs.Model):
         self.product_tower = ProductTower(f, m, image_dim, text_bag=shared_bag, seed=seed, text_encoder=encoder,
                                           sentence_encoder=sentence_encoder, jit_compile=jit_compile,
                                           name="product_tower")
-        self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives, name="retrieval")
+        self.retrieval = ScaledSoftmaxRetrieval(m.scale, m.remove_accidental_hits, m.cross_replica_negatives,
+                                                margin=m.hard_negative_margin, name="retrieval")
         engagement_scale = m.scale if m.engagement_scale is None else m.engagement_scale
         self.engagement = EngagementBCE(engagement_scale, learned_bias=m.engagement_bias == "learned",
                                         bias_lr_multiplier=m.engagement_bias_lr_multiplier, name="engagement")
@@ -105,6 +115,11 @@ class Que2EngageModel(tfrs.Model):
         self.engagement_loss = _LabelledMean(name="engagement_loss")
         self.loss_tracker = _WeightedSum(self.contrastive_loss, self.engagement_loss, self.engagement_weight, name="loss")
         self.recall_at_1 = tf.keras.metrics.Mean(name="recall_at_1")
+        self.hard_negative_weight = float(m.hard_negative_weight)
+        self.hard_negative_loss = tf.keras.metrics.Mean(name="hard_negative_loss")
+        # 1.0 while the curriculum's stage 2 runs (`HardNegativeCurriculum` sets it at each epoch's start).
+        self.hard_negative_switch = tf.Variable(float(m.hard_negative_from_epoch == 0), trainable=False,
+                                                dtype=tf.float32, name="hard_negative_switch")
         # AUC is rank-based, so the AUC of the score is that of σ(s·score + b); but σ(20·c) saturates: every
         # c > 0.27 falls in the top one of Keras's 200 probability buckets, so a contrastive-only model
         # showed an AUC near 0.5 whatever its ranking. The metric buckets (1 + tanh(score / span)) / 2 instead.
@@ -235,7 +250,8 @@ class Que2EngageModel(tfrs.Model):
 
     @property
     def metrics(self) -> list[tf.keras.metrics.Metric]:
-        return [self.loss_tracker, self.contrastive_loss, self.engagement_loss, self.recall_at_1, self.engagement_auc]
+        metrics = [self.loss_tracker, self.contrastive_loss, self.engagement_loss, self.recall_at_1, self.engagement_auc]
+        return metrics + ([self.hard_negative_loss] if self.hard_negative_weight else [])
 
     def call(self, features: dict, training=None) -> tuple[tf.Tensor, tf.Tensor]:
         """`(query vectors [B, D], product vectors [B, D])` of impression rows (`[B, D + K]` each with a
@@ -255,13 +271,19 @@ class Que2EngageModel(tfrs.Model):
         return self.engagement.probability(tf.cast(scores, tf.float32) + bias)
 
     def compute_loss(self, features: dict, training: bool = False) -> tf.Tensor:
-        ctr_loss, bce_loss = self.task_losses(features, training)
-        return ctr_loss + self.engagement_weight * bce_loss
+        ctr_loss, bce_loss, hard_loss = self.task_losses(features, training)
+        return ctr_loss + self.engagement_weight * bce_loss + hard_loss
 
-    def task_losses(self, features: dict, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        """This replica's contributions to L_ctr and L_bce (and the metrics' updates)."""
+    def task_losses(self, features: dict, training: bool = False) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """This replica's contributions to L_ctr, L_bce and w·L_hard (0 while the curriculum's stage 2 is
+        off), and the metrics' updates. A batch's `MINED` products join the softmax as negatives."""
         queries, query_bias, products = self.encode(features, training=training)
         m = self.config.model
+        extra = {}
+        if MINED in features:
+            mined = features[MINED]
+            extra = {"extra_embeddings": self.product_tower(mined, training=training)[:, :m.embedding_dim],
+                     "extra_ids": mined[S.PRODUCT_ID], "extra_valid": tf.not_equal(mined[S.PRODUCT_ID], "")}
         # The contrastive task scores with the cosine alone; the engagement task with the cosine and the
         # pretrained channel (β·MiniLM's cosine), and with the whole dot product (the term channel's part
         # too) and the query bias when it learns a part of the term channel.
@@ -269,7 +291,7 @@ class Que2EngageModel(tfrs.Model):
         with_channel = channel_in_training(m)
         width = engagement_width(m)
         bce_pair = (queries, products) if with_channel else (queries[:, :width], products[:, :width])
-        ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID])
+        ctr = self.retrieval(*cosine, product_ids=features[S.PRODUCT_ID], **extra)
         bce = self.engagement(*bce_pair, features[S.ENGAGED], query_bias=query_bias if m.query_bias else None)
         self.contrastive_loss.update_state(ctr.row_losses)
         self.engagement_loss.update_state(bce.row_losses, sample_weight=bce.labelled)
@@ -282,7 +304,13 @@ class Que2EngageModel(tfrs.Model):
         # buckets' (0, 1) without clipping ties.
         span = 1.0 + m.pretrained_weight + (m.term_weight if with_channel else 0.0)
         self.engagement_auc.update_state(engaged, 0.5 + 0.5 * tf.math.tanh(score / span), sample_weight=bce.labelled)
-        return ctr.loss, bce.loss
+        hard_loss = tf.constant(0.0)
+        if self.hard_negative_weight:
+            self.hard_negative_loss.update_state(ctr.margin_losses)
+            rows = global_sum(tf.cast(tf.shape(ctr.margin_losses)[0], tf.float32))
+            hard_loss = (self.hard_negative_weight * self.hard_negative_switch
+                         * tf.reduce_sum(ctr.margin_losses) / tf.maximum(rows, 1.0))
+        return ctr.loss, bce.loss, hard_loss
 
     def train_step(self, features: dict) -> dict:
         optimizer = self.optimizer
@@ -291,13 +319,13 @@ class Que2EngageModel(tfrs.Model):
         # embedding tables (sparse gradients) learn from the contrastive task alone.
         split = not self.config.model.engagement_trains_tables and self.engagement_weight > 0
         with tf.GradientTape(persistent=split) as tape:
-            ctr_loss, bce_loss = self.task_losses(features, training=True)
+            ctr_loss, bce_loss, hard_loss = self.task_losses(features, training=True)
             regularisation = (tf.add_n(self.losses) / tf.distribute.get_strategy().num_replicas_in_sync
                               if self.losses else 0.0)  # split over replicas like the loss
-            loss = ctr_loss + self.engagement_weight * bce_loss + regularisation
+            loss = ctr_loss + self.engagement_weight * bce_loss + hard_loss + regularisation
             target = optimizer.get_scaled_loss(loss) if scaled else loss
             if split:
-                ctr_target = ctr_loss + regularisation
+                ctr_target = ctr_loss + hard_loss + regularisation
                 ctr_target = optimizer.get_scaled_loss(ctr_target) if scaled else ctr_target
         gradients = tape.gradient(target, self.trainable_variables)
         if split:

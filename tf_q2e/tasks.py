@@ -26,7 +26,8 @@ ID_FINGERPRINT_BUCKETS = 2**63 - 1
 class RetrievalOutput(NamedTuple):
     loss: tf.Tensor  # scalar: this replica's contribution, Σ_local ℓ_i / N
     row_losses: tf.Tensor  # [b] ℓ_i
-    hits_at_1: tf.Tensor  # [b] 1.0 where the positive has the highest logit of the (global) batch
+    hits_at_1: tf.Tensor  # [b] 1.0 where the positive has the highest logit of the (global) batch's products
+    margin_losses: tf.Tensor  # [b] max(0, m − cos(q_i, d_i) + max_j cos(q_i, d_j)) over the unmasked negatives j
 
 
 class EngagementOutput(NamedTuple):
@@ -51,6 +52,13 @@ def global_sum(value: tf.Tensor) -> tf.Tensor:
     return value if context is None else context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+def _fingerprints(ids: tf.Tensor | None) -> tf.Tensor | None:
+    """String product ids as 64-bit fingerprints (cheap [b, N] comparisons); other ids as they are."""
+    if ids is not None and ids.dtype == tf.string:
+        return tf.strings.to_hash_bucket_fast(ids, ID_FINGERPRINT_BUCKETS)
+    return ids
+
+
 @tf.keras.utils.register_keras_serializable(package="tf_q2e")
 class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
     """Contrastive retrieval: softmax over the global batch (Que2Search eq. 2).
@@ -66,6 +74,17 @@ class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
     are its negatives. p_j is the product's frequency in the training data
     (sampling-bias correction, Yi et al. 2019), applied to every logit.
 
+    Extra negatives (mined hard negatives, `tf_q2e.data.mined`): M more
+    product vectors e_k are extra columns of every row's softmax, never a
+    positive, without logQ correction (they were not sampled by frequency):
+
+        z_i,N+k = s·cos(q_i, e_k)                                   k = 1..M
+        z_i,N+k = −1e9   if e_k is padding or product_id(e_k) == product_id_i
+
+    Hardest negative (Que2Search's curriculum stage 2): `margin_losses` holds
+    max(0, m − cos(q_i, d_i) + max_j cos(q_i, d_j)) with j over the columns not
+    masked, in-batch and extra; 0 for a row without any. The model weighs it.
+
     Replicas: with `cross_replica=True` each replica gathers all replicas'
     product vectors (and ids, log p) with `ReplicaContext.all_gather` — whose
     gradient flows back to the replica that made each vector — so a query sees
@@ -80,11 +99,13 @@ class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
     s = 1: z = [[1, 0], [0, 1]], ℓ_i = log(1 + e^-1) = 0.31326, L_ctr = 0.31326.
     """
 
-    def __init__(self, scale: float = 20.0, remove_accidental_hits: bool = True, cross_replica: bool = True, **kwargs):
+    def __init__(self, scale: float = 20.0, remove_accidental_hits: bool = True, cross_replica: bool = True,
+                 margin: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.scale = float(scale)
         self.remove_accidental_hits = remove_accidental_hits
         self.cross_replica = cross_replica
+        self.margin = float(margin)
 
     def call(
         self,
@@ -92,40 +113,67 @@ class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
         product_embeddings: tf.Tensor,
         product_ids: tf.Tensor | None = None,
         product_log_q: tf.Tensor | None = None,
+        extra_embeddings: tf.Tensor | None = None,
+        extra_ids: tf.Tensor | None = None,
+        extra_valid: tf.Tensor | None = None,
     ) -> RetrievalOutput:
+        """`extra_embeddings` `[m, D]`: this replica's extra negatives (gathered across replicas like the
+        products), with their `extra_ids` `[m]` (for the accidental-hit mask) and `extra_valid` `[m]`
+        (False: padding, masked for every row)."""
         q = tf.cast(query_embeddings, tf.float32)  # [b, D]
         d = tf.cast(product_embeddings, tf.float32)  # [b, D]
         local_rows = tf.shape(q)[0]
         offset = 0
-        if product_ids is not None and product_ids.dtype == tf.string:
-            # Compare 64-bit fingerprints instead of strings: [b, N] comparisons get cheap.
-            product_ids = tf.strings.to_hash_bucket_fast(product_ids, ID_FINGERPRINT_BUCKETS)
+        product_ids, extra_ids = (_fingerprints(ids) for ids in (product_ids, extra_ids))
+        if extra_embeddings is not None:
+            extra_embeddings = tf.cast(extra_embeddings, tf.float32)  # [m, D]
+            if extra_valid is None:
+                extra_valid = tf.ones(tf.shape(extra_embeddings)[:1], tf.bool)
         context = _replica_context()
         if context is not None and self.cross_replica:
             sizes = context.all_gather(tf.reshape(local_rows, [1]), axis=0)  # [R]
             offset = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
-            d = context.all_gather(d, axis=0)  # [N, D]
-            if product_ids is not None:
-                product_ids = context.all_gather(product_ids, axis=0)
-            if product_log_q is not None:
-                product_log_q = context.all_gather(product_log_q, axis=0)
-        logits = self.scale * tf.matmul(q, d, transpose_b=True)  # [b, N]
+            d, product_ids, product_log_q, extra_embeddings, extra_ids, extra_valid = (
+                None if x is None else context.all_gather(x, axis=0)
+                for x in (d, product_ids, product_log_q, extra_embeddings, extra_ids, extra_valid))
+        products = tf.shape(d)[0]  # N
+        cosines = tf.matmul(q, d, transpose_b=True)  # [b, N]
+        logits = self.scale * cosines
         if product_log_q is not None:
             logits -= tf.cast(product_log_q, tf.float32)[tf.newaxis, :]
         positives = offset + tf.range(local_rows)  # [b]
+        columns = tf.range(products)[tf.newaxis, :]
+        masked = tf.zeros_like(cosines, tf.bool)  # [b, N(+M)]
         if self.remove_accidental_hits:
             if product_ids is None:
                 raise ValueError("remove_accidental_hits needs product_ids")
             own_ids = tf.gather(product_ids, positives)  # [b]
-            same_product = tf.equal(own_ids[:, tf.newaxis], product_ids[tf.newaxis, :])  # [b, N]
-            not_positive = tf.not_equal(positives[:, tf.newaxis], tf.range(tf.shape(logits)[1])[tf.newaxis, :])
-            logits = tf.where(same_product & not_positive, MASKED_LOGIT, logits)
+            masked = tf.equal(own_ids[:, tf.newaxis], product_ids[tf.newaxis, :]) & tf.not_equal(
+                positives[:, tf.newaxis], columns)
+        if extra_embeddings is not None:
+            extra_cosines = tf.matmul(q, extra_embeddings, transpose_b=True)  # [b, M]
+            extra_masked = tf.logical_not(extra_valid)[tf.newaxis, :] & tf.ones_like(extra_cosines, tf.bool)
+            if self.remove_accidental_hits:
+                if extra_ids is None:
+                    raise ValueError("remove_accidental_hits needs extra_ids")
+                extra_masked |= tf.equal(own_ids[:, tf.newaxis], extra_ids[tf.newaxis, :])
+            cosines = tf.concat([cosines, extra_cosines], axis=1)
+            logits = tf.concat([logits, self.scale * extra_cosines], axis=1)
+            masked = tf.concat([masked, extra_masked], axis=1)
+        logits = tf.where(masked, MASKED_LOGIT, logits)
         row_losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positives, logits=logits)  # [b]
         global_rows = global_sum(tf.cast(local_rows, tf.float32))
         loss = tf.reduce_sum(row_losses) / tf.maximum(global_rows, 1.0)
         positive_logits = tf.gather(logits, positives, axis=1, batch_dims=1)  # [b]
-        hits = tf.cast(tf.reduce_all(logits <= positive_logits[:, tf.newaxis], axis=1), tf.float32)
-        return RetrievalOutput(loss, row_losses, hits)
+        in_batch = logits[:, :products]  # the metric stays comparable with and without extra negatives
+        hits = tf.cast(tf.reduce_all(in_batch <= positive_logits[:, tf.newaxis], axis=1), tf.float32)
+        # The hardest negative: the highest cosine among the columns neither masked nor the positive.
+        negative = tf.logical_not(masked) & tf.not_equal(positives[:, tf.newaxis], tf.range(tf.shape(cosines)[1])[tf.newaxis, :])
+        hardest = tf.reduce_max(tf.where(negative, cosines, -2.0), axis=1)  # -2: no negative (cosines >= -1)
+        positive_cosines = tf.gather(cosines, positives, axis=1, batch_dims=1)
+        margin_losses = tf.where(tf.reduce_any(negative, axis=1),
+                                 tf.nn.relu(self.margin - positive_cosines + hardest), 0.0)
+        return RetrievalOutput(loss, row_losses, hits, margin_losses)
 
     def get_config(self) -> dict:
         return {
@@ -133,6 +181,7 @@ class ScaledSoftmaxRetrieval(tf.keras.layers.Layer):
             "scale": self.scale,
             "remove_accidental_hits": self.remove_accidental_hits,
             "cross_replica": self.cross_replica,
+            "margin": self.margin,
         }
 
 

@@ -37,9 +37,10 @@ import sys
 
 import tensorflow as tf
 
-from tf_q2e.callbacks import EarlyStopping
+from tf_q2e.callbacks import EarlyStopping, HardNegativeCurriculum
 from tf_q2e.config import Config
 from tf_q2e.data import schema as S
+from tf_q2e.data.mined import MinedNegatives
 from tf_q2e.data.pipeline import ImpressionPipeline
 from tf_q2e.data.pseudo_queries import PSEUDO_QUERY_FILE, write_pseudo_queries
 from tf_q2e.data.validate import bad_rows_error, dataset_files, validate_dataset
@@ -144,10 +145,12 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     A run resumed from its backup returns (and writes) every epoch of the run,
     the killed process's included, not only the epochs this process ran.
 
-    The run's `config.yaml` records `data.dir` as the absolute `data_dir`, so
-    later commands (`q2e index`) find the data set the run was trained on.
+    The run's `config.yaml` records `data.dir` as the absolute `data_dir` (and `data.mined_negatives`
+    as an absolute path), so later commands (`q2e index`) find the data set the run was trained on.
     """
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=os.path.abspath(data_dir)))
+    mined_file = config.data.mined_negatives and os.path.abspath(config.data.mined_negatives)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=os.path.abspath(data_dir),
+                                                                  mined_negatives=mined_file or None))
     t = config.train
     strategy = make_strategy(config)  # first: logical devices must precede any TF op
     replicas = strategy.num_replicas_in_sync
@@ -190,6 +193,10 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         if "validation" in splits
         else None
     )
+    mined = None
+    if config.data.mined_negatives:
+        mined = MinedNegatives(config.data.mined_negatives, pipeline.products, pipeline.image_dim)
+        _log(f"{mined}: {config.model.mined_negatives_per_row} per training row")
     with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as f:
         json.dump({"data_dir": os.path.abspath(data_dir), "image_dim": pipeline.image_dim,
                    "context_columns": list(context_columns)}, f, indent=2)
@@ -228,10 +235,18 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
 
     def train_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
-        return pipeline.dataset(
-            batch, training=True, shuffle_buffer=t.shuffle_buffer, seed=t.seed, input_context=context, repeat=True,
-            **reading("train"),
-        )
+        reads = reading("train")
+        hashed = reads["chunk_fn"]
+        if mined is not None:  # each row's mined products are found before its query text is hashed
+            marker = mined.marker()
+            reads["chunk_fn"] = marker if hashed is None else (lambda rows: hashed(marker(rows)))
+        batches = pipeline.dataset(batch, training=True, shuffle_buffer=t.shuffle_buffer, seed=t.seed,
+                                   input_context=context, repeat=True, **reads)
+        if mined is None:
+            return batches
+        # Each input pipeline draws its own negatives; hashed in the pipeline when the rows are.
+        return mined.attach(batches, config.model.mined_negatives_per_row, t.seed + context.input_pipeline_id,
+                            model.product_tower.featurize if hashed is not None else None)
 
     def validation_data(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(t.global_batch_size)
@@ -250,6 +265,8 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
         EpochCheckpoints(os.path.join(out, "checkpoints")),
         tf.keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq="epoch"),
     ]
+    if config.model.hard_negative_weight:
+        callbacks.append(HardNegativeCurriculum())
     if validation is not None and t.early_stopping_patience:
         # Falls back to val_recall_at_1 when the engagement metrics are NaN (no labelled rows).
         callbacks.append(EarlyStopping(t.early_stopping_monitor, patience=t.early_stopping_patience,

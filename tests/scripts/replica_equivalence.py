@@ -2,7 +2,9 @@
 
 Builds the same Que2EngageModel twice (same weights), computes the loss and the
 gradients of one global batch of 8 rows on one device and split over two
-replicas (cross-replica negatives on), and prints both as JSON.
+replicas (cross-replica negatives on), and prints both as JSON. With the
+argument `mined`, each row also carries 2 mined negatives (`MINED`: one of
+them padding, one the product of another row).
 """
 
 import json
@@ -20,7 +22,8 @@ from tf_q2e.train import build_model  # noqa: E402
 
 overrides = ["features.buckets=512", "features.category_buckets=64", "features.context_buckets=32", "model.hidden_dim=16",
              "model.embedding_dim=8", "model.text_embedding_dim=8"] + sys.argv[1:]
-config = load_config(None, overrides)
+with_mined = "mined" in overrides
+config = load_config(None, [o for o in overrides if o != "mined"])
 batch = {
     "query": ["red sofa", "blue bike", "red sofa cheap", "lamp", "desk lamp", "bike", "sofa", "green lamp"],
     "query_country": ["US", "DE", "US", "FR", "US", "DE", "GB", "US"],
@@ -32,6 +35,13 @@ batch = {
 }
 batch = {k: tf.constant(v) for k, v in batch.items()}
 batch["product_image_embedding"] = tf.constant(np.random.default_rng(0).normal(size=(8, 3)).astype("float32"))
+if with_mined:  # 2 per row, row-major: rows 0-3 own mined 0-7 (replica 0's half)
+    from tf_q2e.data.mined import MINED
+
+    ids = ["m1", "m2", "b", "", "m3", "m4", "m5", "a", "m6", "", "m7", "m8", "c", "m9", "m10", "m11"]
+    batch[MINED] = {"product_id": tf.constant(ids), "product_title": tf.constant([f"mined {i} sofa" for i in ids]),
+                    "product_description": tf.constant([""] * 16), "product_category": tf.constant(["sofa"] * 16),
+                    "product_image_embedding": tf.constant(np.random.default_rng(1).normal(size=(16, 3)).astype("float32"))}
 
 
 def loss_and_gradients(model, features):
@@ -49,7 +59,8 @@ with strategy.scope():
     mirrored = build_model(config, 3, ("query_country",))
 mirrored.set_weights(single.get_weights())
 halves = strategy.experimental_distribute_values_from_function(
-    lambda ctx: {k: v[ctx.replica_id_in_sync_group * 4: ctx.replica_id_in_sync_group * 4 + 4] for k, v in batch.items()}
+    lambda ctx: tf.nest.map_structure(lambda v: v[ctx.replica_id_in_sync_group * len(v) // 2:
+                                                 (ctx.replica_id_in_sync_group + 1) * len(v) // 2], batch)
 )
 
 

@@ -3,6 +3,7 @@
 The public data API for a user's own `model.fit` script (see `datasets.py`):
 
     from tf_q2e.data import FeatureSchema, from_dir, from_files, from_pandas
+    from tf_q2e.data import with_mined_negatives   # mined hard negatives (`q2e mine`) on batches
 
 These names are imported on first use, so `import tf_q2e.data` (and the data
 commands, such as `q2e synth`) do not import TensorFlow.
@@ -17,6 +18,8 @@ _LAZY = {
     "from_dir": "tf_q2e.data.datasets",
     "from_files": "tf_q2e.data.datasets",
     "from_pandas": "tf_q2e.data.datasets",
+    "MinedNegatives": "tf_q2e.data.mined",
+    "with_mined_negatives": "tf_q2e.data.mined",
 }
 
 __all__ = sorted(_LAZY)
