@@ -235,11 +235,11 @@ class ModelConfig:
         drawn per training row (a new draw every step); the product tower
         embeds them and they join the softmax of every row of the global
         batch as extra columns, never as positives nor in the engagement task.
-      hard_negative_weight: w of Que2Search's curriculum stage 2, a margin
+      hard_negative_weight: the weight w of Que2Search's curriculum stage 2, a margin
         loss on each row's hardest negative (the highest cosine among the
         in-batch and mined negatives not masked): L += w·mean_i max(0, m −
         cos(q_i, d_i) + max_j cos(q_i, d_j)); 0 = off.
-      hard_negative_margin: m of that loss (Que2Search: 0.1 to 0.2).
+      hard_negative_margin: the margin m of that loss (Que2Search: 0.1 to 0.2).
       hard_negative_from_epoch: the first epoch (0-based) of stage 2: the
         loss is off before it, so the softmax converges first. `q2e train`
         switches it; a user's own `fit` passes

@@ -27,7 +27,7 @@ same inputs and seed.
 
 The file (Parquet) has one row per (query, negative): `query`, `product_id`,
 `rank` (1 = the source's best), `score`, `positive_score`. Training reads it
-with `data.mined_negatives` (issue 19; not yet wired into `q2e train`).
+with `data.mined_negatives` (`tf_q2e.data.mined`).
 """
 
 from __future__ import annotations

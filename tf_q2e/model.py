@@ -282,8 +282,13 @@ class Que2EngageModel(tfrs.Model):
         extra = {}
         if MINED in features:
             mined = features[MINED]
+            valid = tf.not_equal(mined[S.PRODUCT_ID], "")
+            if not self.jit_compile:  # only the filled slots through the tower (XLA would recompile per count)
+                filled = tf.where(valid)[:, 0]
+                mined = {name: tf.gather(values, filled) for name, values in mined.items()}
+                valid = tf.ones_like(filled, tf.bool)
             extra = {"extra_embeddings": self.product_tower(mined, training=training)[:, :m.embedding_dim],
-                     "extra_ids": mined[S.PRODUCT_ID], "extra_valid": tf.not_equal(mined[S.PRODUCT_ID], "")}
+                     "extra_ids": mined[S.PRODUCT_ID], "extra_valid": valid}
         # The contrastive task scores with the cosine alone; the engagement task with the cosine and the
         # pretrained channel (β·MiniLM's cosine), and with the whole dot product (the term channel's part
         # too) and the query bias when it learns a part of the term channel.

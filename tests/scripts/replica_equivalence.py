@@ -3,8 +3,9 @@
 Builds the same Que2EngageModel twice (same weights), computes the loss and the
 gradients of one global batch of 8 rows on one device and split over two
 replicas (cross-replica negatives on), and prints both as JSON. With the
-argument `mined`, each row also carries 2 mined negatives (`MINED`: one of
-them padding, one the product of another row).
+argument `mined`, each row also carries 2 mined negatives (`MINED`: two
+padding slots, both in replica 1's half, so the replicas' filled counts
+differ; two are the products of other rows).
 """
 
 import json
@@ -38,7 +39,7 @@ batch["product_image_embedding"] = tf.constant(np.random.default_rng(0).normal(s
 if with_mined:  # 2 per row, row-major: rows 0-3 own mined 0-7 (replica 0's half)
     from tf_q2e.data.mined import MINED
 
-    ids = ["m1", "m2", "b", "", "m3", "m4", "m5", "a", "m6", "", "m7", "m8", "c", "m9", "m10", "m11"]
+    ids = ["m1", "m2", "b", "m0", "m3", "m4", "m5", "a", "m6", "", "m7", "m8", "c", "", "m10", "m11"]  # 8 + 6 filled
     batch[MINED] = {"product_id": tf.constant(ids), "product_title": tf.constant([f"mined {i} sofa" for i in ids]),
                     "product_description": tf.constant([""] * 16), "product_category": tf.constant(["sofa"] * 16),
                     "product_image_embedding": tf.constant(np.random.default_rng(1).normal(size=(16, 3)).astype("float32"))}
