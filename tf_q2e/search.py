@@ -170,7 +170,8 @@ class Retriever:
 
     @classmethod
     def _of_model(cls, model, ids, titles, vectors, searcher, attributes=None) -> "Retriever":
-        query = tf.function(lambda features: model.query_tower(features, training=False, return_bias=True))
+        query = tf.function(lambda features: model.query_tower(features, training=False, return_bias=True),
+                            reduce_retracing=True)  # one trace for batches of any size
         return cls(query_fn=query, product_fn=product_encoder(model),
                    probability_fn=lambda scores: model.engagement.probability(scores).numpy(),
                    product_ids=ids, titles=titles, vectors=vectors, scann=searcher, context_columns=model.context_columns,
