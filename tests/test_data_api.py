@@ -39,7 +39,8 @@ def test_importing_tf_q2e_data_does_not_import_tensorflow():
             "print(sorted(tf_q2e.data.__all__), 'tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["['FeatureSchema',", "'from_dir',", "'from_files',", "'from_pandas']", "False"]
+    assert result.stdout.split() == ["['FeatureSchema',", "'MinedNegatives',", "'from_dir',", "'from_files',",
+                                     "'from_pandas',", "'with_mined_negatives']", "False"]
 
 
 @pytest.mark.parametrize("with_relevance", [False, True])
