@@ -138,7 +138,7 @@ from tf_q2e.train import build_model  # noqa: E402
 
 from cc import serve_latency  # noqa: E402  (benchmarks/cc/serve_latency.py, next to this script)
 from retrieval import (  # noqa: E402  (benchmarks/retrieval.py, next to this script)
-    QUERY_CHUNK, add_work_arguments, encode_queries, id_recall, in_process_call, interleaved_latencies, log,
+    QUERY_CHUNK, add_catalogue_arguments, add_work_arguments, encode_queries, id_recall, in_process_call, interleaved_latencies, log,
     make_catalogue, make_queries, peak_rss_mb, percentile, run_in_work_dir, write_json, write_run,
 )
 
@@ -580,12 +580,7 @@ def _numpy(call):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--products", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64, help="vector length (sets model.embedding_dim)")
-    parser.add_argument("--queries", type=int, default=1000, help="query strings for tuning and recall")
-    parser.add_argument("--latency-queries", type=int, default=300, help="single-query calls per signature and restrict")
-    parser.add_argument("--topics", type=int, default=2000, help="clusters of the catalogue")
-    parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
+    add_catalogue_arguments(parser, latency_help="single-query calls per signature and restrict")
     add_work_arguments(parser)
     parser.add_argument("--no-cc", action="store_true", help="time in Python instead of the C++ runtime (needs g++ or $CXX)")
     parser.add_argument("--no-correlated", action="store_true", help="skip the correlated stress restrict")

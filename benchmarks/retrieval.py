@@ -418,6 +418,17 @@ def grpc_benchmark(base: str, texts: list[str], reference: dict[str, np.ndarray]
 # -- main ----------------------------------------------------------------------------------------
 
 
+def add_catalogue_arguments(parser: argparse.ArgumentParser, latency_help: str = "single-query calls per signature") -> None:
+    """The scale flags of the catalogue benchmarks that time signatures: --products, --dim, --queries,
+    --latency-queries, --topics, --tune-latency-queries."""
+    parser.add_argument("--products", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64, help="vector length (sets model.embedding_dim)")
+    parser.add_argument("--queries", type=int, default=1000, help="query strings for tuning and recall")
+    parser.add_argument("--latency-queries", type=int, default=300, help=latency_help)
+    parser.add_argument("--topics", type=int, default=2000, help="clusters of the catalogue")
+    parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
+
+
 def add_work_arguments(parser: argparse.ArgumentParser) -> None:
     """The work-directory and output flags of every catalogue-scale benchmark: --out, --keep, --json, --seed."""
     parser.add_argument("--out", help="work directory (must be new or empty; default: a temporary directory)")
@@ -453,12 +464,7 @@ def write_json(path: str | None, figures: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--products", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64, help="vector length (sets model.embedding_dim)")
-    parser.add_argument("--queries", type=int, default=1000, help="query strings for tuning and recall")
-    parser.add_argument("--latency-queries", type=int, default=300, help="single-query calls per signature")
-    parser.add_argument("--topics", type=int, default=2000, help="clusters of the catalogue")
-    parser.add_argument("--tune-latency-queries", type=int, default=100, help="queries timed per setting by tune()")
+    add_catalogue_arguments(parser)
     add_work_arguments(parser)
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC server part")
     parser.add_argument("--no-cc", action="store_true", help="skip the C++ runtime part (needs g++ or $CXX)")
