@@ -61,6 +61,14 @@ def test_each_row_draws_its_own_querys_mined_products_without_replacement_and_pa
     np.testing.assert_allclose(batch["product_image_embedding"].numpy(), [[4.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
 
 
+def test_an_empty_mined_file_is_a_clear_error(catalog, tmp_path):
+    _, products = catalog
+    path = str(tmp_path / "empty.parquet")
+    pq.write_table(pa.table({"query": pa.array([], pa.string()), "product_id": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match="empty.parquet: no mined negatives"):
+        MinedNegatives(path, products)
+
+
 def test_draws_are_the_same_for_a_seed_and_change_from_step_to_step(catalog, tmp_path):
     _, products = catalog
     mined = MinedNegatives(write_mined(tmp_path / "m.parquet", MINED_LISTS), products)

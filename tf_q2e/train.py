@@ -148,9 +148,9 @@ def train(config: Config, data_dir: str, run_dir: str, verbose: int | None = Non
     The run's `config.yaml` records `data.dir` as the absolute `data_dir` (and `data.mined_negatives`
     as an absolute path), so later commands (`q2e index`) find the data set the run was trained on.
     """
-    mined_file = config.data.mined_negatives and os.path.abspath(config.data.mined_negatives)
+    mined_file = os.path.abspath(config.data.mined_negatives) if config.data.mined_negatives else None
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=os.path.abspath(data_dir),
-                                                                  mined_negatives=mined_file or None))
+                                                                  mined_negatives=mined_file))
     t = config.train
     strategy = make_strategy(config)  # first: logical devices must precede any TF op
     replicas = strategy.num_replicas_in_sync

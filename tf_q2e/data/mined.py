@@ -55,7 +55,7 @@ class MinedNegatives:
       image_dim: length of `product_image_embedding` (0: the model takes no image).
 
     Raises `DataError` naming the file, row and value for a missing column, an empty query or
-    product id, or a product the catalogue lacks.
+    product id, or a product the catalogue lacks, and for a file without rows.
     """
 
     def __init__(self, path: str, products: ProductReference, image_dim: int = 0):
@@ -69,6 +69,9 @@ class MinedNegatives:
         if missing:
             raise DataError(f"{path}: no {' or '.join(missing)} column (has {', '.join(table.column_names)}); "
                             "write it with q2e mine")
+        if not table.num_rows:
+            raise DataError(f"{path}: no mined negatives (mine with a larger --depth or --margin, or set "
+                            "data.mined_negatives: null)")
         queries = table.column("query").cast(pa.string()).to_pylist()
         ids = table.column(S.PRODUCT_ID).cast(pa.string()).to_pylist()
         for name, values in (("query", queries), (S.PRODUCT_ID, ids)):
@@ -81,7 +84,7 @@ class MinedNegatives:
             i = int(unknown[0])
             raise DataError(f"{path} row {i}: product_id {ids[i]!r} is not in the catalogue "
                             f"({len(unknown)} of {len(ids)} rows name unknown products; mine again from this data set)")
-        # The distinct mined products, in order of first mention, and each row's index among them.
+        # The distinct mined products (in catalogue order) and each row's index among them.
         distinct, rows = np.unique(position, return_inverse=True)
         self.path = path
         self.image_dim = int(image_dim)
@@ -102,11 +105,11 @@ class MinedNegatives:
         order = np.argsort(codes, kind="stable")
         self.queries = encoded.dictionary.to_pylist()
         counts = np.bincount(codes, minlength=len(self.queries))
-        self.max_per_query = int(counts.max()) if len(counts) else 0
+        self.max_per_query = int(counts.max())
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         sorted_codes = codes[order]
         slot = np.arange(len(order)) - starts[sorted_codes]
-        self._candidates = np.full((len(self.queries), max(self.max_per_query, 1)), -1, np.int32)
+        self._candidates = np.full((len(self.queries), self.max_per_query), -1, np.int32)
         self._candidates[sorted_codes, slot] = rows[order]
         self.rows = len(ids)
         self.products = len(distinct)
